@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness import __version__
+from harness import __version__, cli_perf
 
 app = typer.Typer(
     name="hembench",
@@ -66,6 +66,8 @@ def env(
         table.add_row(key, str(value))
     console.print(table)
 
+
+cli_perf.register(app)
 
 if __name__ == "__main__":
     app()
