@@ -1,0 +1,48 @@
+"""Executors run trials: `local` (a process per trial, `--jobs N`) and `ray`.
+
+`get_executor(name, **options)` returns one; the protocol is in `harness.executors.base`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.executors.base import (
+    STATUSES,
+    Executor,
+    TrialOutcome,
+    TrialSpec,
+    failure_outcome,
+    timeout_outcome,
+)
+
+EXECUTORS: tuple[str, ...] = ("local", "ray")
+
+__all__ = [
+    "EXECUTORS",
+    "STATUSES",
+    "Executor",
+    "TrialOutcome",
+    "TrialSpec",
+    "failure_outcome",
+    "get_executor",
+    "timeout_outcome",
+]
+
+
+def get_executor(name: str, **options: Any) -> Executor:
+    """Build the executor called `name` (one of `EXECUTORS`).
+
+    Options: `jobs` (parallel trials), `in_process` (local only: run trials in this process).
+    The Ray executor is expected at `harness.executors.ray_executor.RayExecutor(jobs=...)`.
+    """
+    if name == "local":
+        from harness.executors.local import LocalExecutor
+
+        return LocalExecutor(**options)
+    if name == "ray":
+        from harness.executors.ray_executor import RayExecutor
+
+        options.pop("in_process", None)
+        return RayExecutor(**options)
+    raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
