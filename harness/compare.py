@@ -1,0 +1,225 @@
+"""Compare two suite runs: `hembench compare BASE_RUN HEAD_RUN --fail-on METRIC:PCT%`.
+
+A run directory holds one Parquet file per trial, `<run>/trials/<trial_id>.parquet`, one row
+each (status, config columns, seed, metrics). Trials are joined **by config**: the seed is dropped
+from the key and each metric is averaged over the ok seeds of a config (a trial id is a hash of
+config + seed, so equal configs with equal seeds share ids; averaging first also copes with runs
+that used different seed lists). For each config present in both runs and each metric:
+
+    change % = 100 · (head_mean / base_mean − 1)
+
+A breach is a change in the bad direction beyond the threshold: lower is worse for throughput
+and TAR/AUC/accuracy, higher is worse for memory, EER and durations. A config that has ok trials
+in the base run but none in the head run is also a breach (it crashed or was dropped).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+HIGHER_IS_BETTER = 1
+LOWER_IS_BETTER = -1
+
+# name patterns (fnmatch) -> direction; the first match wins
+_DIRECTIONS: tuple[tuple[str, int], ...] = (
+    ("*_per_s", HIGHER_IS_BETTER),
+    ("tar@*", HIGHER_IS_BETTER),
+    ("auc", HIGHER_IS_BETTER),
+    ("*acc*", HIGHER_IS_BETTER),
+    ("*_mib", LOWER_IS_BETTER),
+    ("*_bytes", LOWER_IS_BETTER),
+    ("eer", LOWER_IS_BETTER),
+    ("*_s", LOWER_IS_BETTER),  # durations (after *_per_s)
+)
+
+# --fail-on shorthands -> column patterns they stand for
+ALIASES: dict[str, str] = {
+    "throughput": "samples_per_s",
+    "peak_mem": "*_mib",
+    "tar": "tar@*",
+}
+
+# columns that describe the trial record rather than its configuration
+_META = {"trial_id", "status", "error", "seed", "run_id", "suite", "hostname"}
+_META_PREFIXES = ("env_", "git_", "started", "ended", "time_")
+
+_FAIL_ON = re.compile(r"^(?P<metric>[^:]+):(?P<pct>\d+(\.\d+)?)%?$")
+
+
+class RunError(ValueError):
+    """A run directory is missing or unusable, or an option is malformed (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One config × metric comparison."""
+
+    config: str
+    metric: str
+    base: float | None
+    head: float | None
+    n_base: int
+    n_head: int
+    change_pct: float | None
+    limit_pct: float | None  # None: reported only, not gated
+    breached: bool
+    note: str = ""
+
+
+def direction(column: str) -> int | None:
+    """+1 if higher is better, −1 if lower is better, None if `column` is not a known metric."""
+    for pattern, sign in _DIRECTIONS:
+        if fnmatch.fnmatchcase(column, pattern):
+            return sign
+    return None
+
+
+def parse_fail_on(specs: list[str]) -> list[tuple[str, float]]:
+    """`["throughput:10%", "tar@1e-3:2"]` -> `[("throughput", 10.0), ("tar@1e-3", 2.0)]`."""
+    out = []
+    for spec in specs:
+        m = _FAIL_ON.match(spec.strip())
+        if not m:
+            raise RunError(f"--fail-on {spec!r}: expected METRIC:PCT% (e.g. throughput:10%)")
+        out.append((m["metric"], float(m["pct"])))
+    return out
+
+
+def load_run(run_dir: str | Path) -> pl.DataFrame:
+    """All trial rows of a run (`<run_dir>/trials/*.parquet`), one row per trial."""
+    run_dir = Path(run_dir)
+    trials = run_dir / "trials"
+    if not trials.is_dir():
+        raise RunError(f"{run_dir}: not a run directory (no trials/ folder)")
+    files = sorted(trials.glob("*.parquet"))
+    if not files:
+        raise RunError(f"{run_dir}: trials/ holds no .parquet files")
+    try:
+        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    except Exception as exc:  # polars raises several error types for corrupt or clashing files
+        raise RunError(f"{run_dir}: cannot read trial files: {exc}") from exc
+    if "status" not in frame.columns:
+        raise RunError(f"{run_dir}: trial rows have no 'status' column")
+    return frame
+
+
+def metric_columns(frame: pl.DataFrame) -> list[str]:
+    """Numeric columns with a known direction, in frame order."""
+    return [c for c, t in frame.schema.items() if t.is_numeric() and direction(c) is not None]
+
+
+def config_columns(frame: pl.DataFrame) -> list[str]:
+    """Columns that identify a configuration (seed excluded): neither metric nor record metadata."""
+    metrics = set(metric_columns(frame))
+    return [
+        c
+        for c in frame.columns
+        if c not in metrics and c not in _META and not c.startswith(_META_PREFIXES)
+    ]
+
+
+def expand_metric(name: str, columns: list[str]) -> list[str]:
+    """The metric columns an alias or pattern stands for; a plain name must exist as a column."""
+    pattern = ALIASES.get(name, name)
+    matched = [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
+    if not matched:
+        raise RunError(
+            f"--fail-on metric {name!r} matches no metric column; available: {', '.join(columns)}; "
+            f"aliases: {', '.join(ALIASES)}"
+        )
+    return matched
+
+
+def aggregate(frame: pl.DataFrame, by: list[str], metrics: list[str]) -> pl.DataFrame:
+    """Mean of each metric over the ok trials of each config, with `n` (ok trials) per config."""
+    ok = frame.filter(pl.col("status") == "ok")
+    if not by:
+        ok = ok.with_columns(pl.lit("all").alias("_config"))
+        by = ["_config"]
+    return (
+        ok.group_by(by)
+        .agg(pl.len().alias("n"), *[pl.col(m).cast(pl.Float64).mean() for m in metrics])
+        .sort(by)
+    )
+
+
+def _label(row: dict, by: list[str]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in by) or "all"
+
+
+def compare_runs(
+    base: pl.DataFrame,
+    head: pl.DataFrame,
+    fail_on: list[tuple[str, float]],
+    by: list[str] | None = None,
+) -> tuple[list[Delta], list[str]]:
+    """Deltas for every shared config × metric, and notes on configs found in one run only.
+
+    `by` overrides the inferred config columns. Gated metrics are those named in `fail_on`
+    (aliases and fnmatch patterns allowed); all other common metrics are reported ungated.
+    """
+    by = by if by is not None else sorted(set(config_columns(base)) & set(config_columns(head)))
+    for col in by:
+        if col not in base.columns or col not in head.columns:
+            raise RunError(f"config column {col!r} is not in both runs")
+    metrics = [m for m in metric_columns(base) if m in metric_columns(head)]
+    limits: dict[str, float] = {}
+    for name, pct in fail_on:
+        for col in expand_metric(name, metrics):
+            limits[col] = min(pct, limits.get(col, pct))
+
+    a, b = aggregate(base, by, metrics), aggregate(head, by, metrics)
+    keys = by or ["_config"]
+    joined = a.join(b, on=keys, how="full", suffix="_head", coalesce=True, nulls_equal=True)
+    if joined.height == 0:
+        raise RunError("no ok trials in either run: nothing to compare")
+    deltas: list[Delta] = []
+    notes: list[str] = []
+    for row in joined.sort(keys).iter_rows(named=True):
+        label = _label(row, by)
+        if row["n"] is None:
+            notes.append(f"only in head: {label}")
+            continue
+        if row["n_head"] is None:
+            deltas.append(
+                Delta(
+                    label,
+                    "status",
+                    None,
+                    None,
+                    row["n"],
+                    0,
+                    None,
+                    None,
+                    True,
+                    "no ok trial in head",
+                )
+            )
+            continue
+        for m in metrics:
+            deltas.append(
+                _delta(label, m, row[m], row[f"{m}_head"], row["n"], row["n_head"], limits.get(m))
+            )
+    if not any(d.base is not None for d in deltas) and not any(d.breached for d in deltas):
+        raise RunError(f"no config in common between the runs (joined on {', '.join(keys)})")
+    return deltas, notes
+
+
+def _delta(
+    config: str, metric: str, base: float | None, head: float | None, n_base: int, n_head: int,
+    limit: float | None,
+) -> Delta:  # fmt: skip
+    if base is None or head is None:
+        return Delta(config, metric, base, head, n_base, n_head, None, limit, False, "null")
+    if base == 0:
+        change = 0.0 if head == 0 else float("inf") * (1 if head > 0 else -1)
+    else:
+        change = 100.0 * (head / base - 1.0)
+    worse = -direction(metric) * change  # > 0 means the bad direction
+    breached = limit is not None and worse > limit
+    return Delta(config, metric, base, head, n_base, n_head, change, limit, breached)
