@@ -1,0 +1,69 @@
+"""NPCFace (Zeng et al., 2020): negative-positive cooperation, following the authors' code."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mining.heads.arcface import cos_plus
+from mining.heads.base import CosineHead, non_target_mask, replace_target, target_cosine
+from mining.heads.params import check_range
+
+
+class NPCFace(CosineHead):
+    """Hard negatives get a larger logit, and samples with hard negatives a larger margin.
+
+    For sample i with target y (all masks and m'_i under no_grad):
+
+        M_ij  = [cos θ_j > cos(θ_y + m)], j ≠ y                      hard-negative mask
+        m'_i  = m0 + m1 · mean_{j ∈ M_i} cos θ_j   (m0 if M_i is empty)  ∈ [m0 − m1, m0 + m1]
+        target logit   s · (cos(θ_y + m'_i) if cos θ_y > 0 else cos θ_y)
+        hard negatives s · (t · cos θ_j + α),  other negatives s · cos θ_j
+
+    Shapes as in `CosineHead`. Defaults m = 0.5, m0 = 0.4, m1 = 0.2, t = 1.1, α = 0.2, s = 64.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        *,
+        m: float = 0.5,
+        m0: float = 0.4,
+        m1: float = 0.2,
+        t: float = 1.1,
+        alpha: float = 0.2,
+        s: float = 64.0,
+        interclass_filter: float | None = None,
+    ) -> None:
+        super().__init__(embedding_dim, num_classes, s=s, interclass_filter=interclass_filter)
+        self.m = check_range("m", m, 0.0, math.pi, high_open=True)
+        self.m0 = check_range("m0", m0, 0.0, math.pi, high_open=True)
+        # m'_i <= m0 + m1 must stay below π for cos(θ_y + m'_i) to be a margin at all.
+        self.m1 = check_range("m1", m1, 0.0, math.pi - self.m0, high_open=True)
+        self.t = check_range("t", t, 0.0, low_open=True, high_open=True)
+        self.alpha = check_range("alpha", alpha, 0.0, high_open=True)
+
+    @torch.no_grad()
+    def hard_negatives(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Hard mask M (B, C) bool and sample margins m' (B,) for clamped cosines (B, C)."""
+        threshold = cos_plus(target_cosine(cos, labels), self.m)
+        hard = (cos > threshold[:, None]) & non_target_mask(cos, labels)
+        count = hard.sum(1)
+        mean_hard = torch.where(hard, cos, 0.0).sum(1) / count.clamp(min=1)  # 0 when no hard
+        return hard, self.m0 + self.m1 * mean_hard
+
+    def margin(self, cos: Tensor, labels: Tensor) -> Tensor:
+        hard, sample_margin = self.hard_negatives(cos, labels)
+        c = target_cosine(cos, labels)
+        target = torch.where(c > 0, cos_plus(c, sample_margin), c)
+        negatives = torch.where(hard, self.t * cos + self.alpha, cos)
+        return replace_target(negatives, labels, target)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, m={self.m:g}, m0={self.m0:g}, m1={self.m1:g}, "
+            f"t={self.t:g}, alpha={self.alpha:g}"
+        )

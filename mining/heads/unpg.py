@@ -1,0 +1,107 @@
+"""UNPG (Jung et al., BMVC 2022): unified negative pair generation, following the authors' code.
+
+Negative pairs of the mini-batch, after dropping outliers with Tukey fences, become extra
+negative logit columns shared by every row of any cosine margin head:
+
+    s_n   = {<f_i, f_j> : i < j, y_i ≠ y_j}                       (f = normalised embedding)
+    Q1, Q3 = v[⌊n/4⌋], v[⌊3n/4⌋] of v = sort(s_n) ascending, n = |s_n|
+    kept  = {x ∈ v : Q1 − k·IQR ≤ x ≤ Q3 + k·IQR},  IQR = Q3 − Q1      (ascending order)
+    logits = [base logits (B, C') | s · kept, repeated for every row (B, K)]
+
+Nothing is detached: the kept similarities carry gradient to the embeddings. With no
+different-label pair (K = 0) the logits are exactly the base head's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mining.heads.base import CosineHead
+from mining.heads.params import CheckedParams, check_range
+
+
+def negative_pair_cosines(emb: Tensor, labels: Tensor) -> Tensor:
+    """Cosines of all pairs i < j with different labels, row-major order: (B, d), (B,) -> (n,).
+
+    Computed in at least float32 (also under fp16 autocast), like the head's cosines.
+    """
+    f = F.normalize(emb, dim=1)
+    sim = f @ f.T
+    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))
+    different = (labels[:, None] != labels[None, :]).triu(diagonal=1)
+    return sim[different]
+
+
+def tukey_kept(values: Tensor, k: float) -> Tensor:
+    """Values inside the Tukey fences [Q1 − k·IQR, Q3 + k·IQR], sorted ascending: (n,) -> (K,).
+
+    Quartiles by sorted index, as in the UNPG code: Q1 = v[⌊n/4⌋], Q3 = v[⌊3n/4⌋] (no
+    interpolation). Both fences are inclusive. An empty input gives an empty output.
+    """
+    if values.numel() == 0:
+        return values
+    v = torch.sort(values).values
+    n = v.numel()
+    q1, q3 = v[n // 4], v[(3 * n) // 4]
+    iqr = q3 - q1
+    return v[(v >= q1 - k * iqr) & (v <= q3 + k * iqr)]
+
+
+class UNPG(CheckedParams, nn.Module):
+    """Wrap a cosine margin head and append the kept in-batch negative pairs as logit columns.
+
+    ``UNPG(embedding_dim, num_classes, base="arcface", k=1.5, **base_params)``; ``base_params``
+    go to ``HEADS[base]`` (e.g. ``m``, ``s``, ``interclass_filter``), whose scale ``s`` also
+    scales the extra columns. ``forward(emb (B, d), labels (B,)) -> (B, C' + K)`` where C' is the
+    base head's width (C, or C + 1 for HSM's virtual class) and labels index the first C.
+    ``weight`` is the base head's (C, d) parameter.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        *,
+        base: str = "arcface",
+        k: float = 1.5,
+        **base_params: object,
+    ) -> None:
+        super().__init__()
+        from mining.heads import HEADS  # the registry imports this module
+
+        bases = {name: cls for name, cls in HEADS.items() if issubclass(cls, CosineHead)}
+        if base not in bases:
+            raise ValueError(f"base must be one of {', '.join(map(repr, bases))}; got {base!r}")
+        self.k = check_range("k", k, 0.0)
+        try:
+            self.base = bases[base](embedding_dim, num_classes, **base_params)
+        except ValueError as err:
+            raise ValueError(f"unpg (own parameters: base, k): {err}") from None
+        self.base_name = base
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base head's class centres (C, d)."""
+        return self.base.weight
+
+    @property
+    def s(self) -> float:
+        return self.base.s
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """(B, d), (B,) -> logits (B, C' + K)."""
+        logits = self.base(emb, labels)
+        kept = tukey_kept(negative_pair_cosines(emb, labels), self.k)
+        if kept.numel() == 0:
+            return logits
+        extra = (self.s * kept).to(logits.dtype)
+        return torch.cat([logits, extra.expand(logits.shape[0], -1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_name!r}, k={self.k:g}"
