@@ -1,0 +1,293 @@
+"""Data-parallel CB-HEM (mining.distributed).
+
+The two-rank checks run in ONE spawn of 2 gloo processes on CPU (a module-scoped fixture: each
+spawn costs seconds); every rank saves what it saw and the tests compare it here with a single
+process fed the concatenated (rank-order) global batch, in float64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from mining.distributed import (
+    GlobalBatchLoss,
+    all_gather_rank_order,
+    all_reduce_gradients,
+    enqueue_global,
+    gradients_synced_after,
+    rank_and_world_size,
+)
+from mining.memory import CrossBatchMemory
+from mining.plb import PseudoLargeBatch
+
+WORLD = 2
+DIM = 3
+FEATURES = 5
+
+
+# -- shared, deterministic fixtures of the scenarios (identical in every process) ---------------
+
+
+def memory_scenarios() -> list[dict]:
+    """Random memory sizes and per-step, per-rank batch sizes (including 0 and unequal sizes)."""
+    gen = torch.Generator().manual_seed(1234)
+    scenarios = []
+    for _ in range(6):
+        size = int(torch.randint(1, 12, (), generator=gen))
+        steps = [torch.randint(0, 7, (WORLD,), generator=gen).tolist() for _ in range(5)]
+        batches = [
+            [
+                (torch.randn(b, DIM, generator=gen), torch.randint(0, 9, (b,), generator=gen))
+                for b in sizes
+            ]
+            for sizes in steps
+        ]
+        scenarios.append({"size": size, "batches": batches})
+    return scenarios
+
+
+def batch_hard_triplet(emb: Tensor, labels: Tensor, cand: Tensor, cand_labels: Tensor) -> Tensor:
+    """Brute-force cosine batch-hard triplet loss (margin 0.2): every anchor against all candidates.
+
+    A deliberately non-separable loss: each anchor's hardest negative may live on another rank.
+    """
+    f = nn.functional.normalize(emb, dim=1)
+    c = nn.functional.normalize(cand, dim=1)
+    sims = f @ c.T
+    same = labels[:, None] == cand_labels[None, :]
+    hardest_neg = sims.masked_fill(same, float("-inf")).amax(dim=1)
+    pos = (f * f.roll(1, dims=0)).sum(dim=1)  # positive = previous row (a fixed pairing)
+    return torch.relu(hardest_neg - pos + 0.2).mean()
+
+
+class MemoryTripletLoss:
+    """A loss with the objective hooks: mines over the batch ∪ memory, enqueues after the loss."""
+
+    def __init__(self, size: int) -> None:
+        self.memory = CrossBatchMemory(size, DIM, dtype=torch.float64)
+        self.hook_sizes: list[int] = []
+
+    def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
+        mem_emb, mem_labels, _ = self.memory.get()
+        cand = torch.cat([emb, mem_emb.to(emb.dtype)])
+        return batch_hard_triplet(emb, labels, cand, torch.cat([labels, mem_labels]))
+
+    def after_loss(self, emb: Tensor, labels: Tensor) -> None:
+        self.hook_sizes.append(emb.shape[0])
+        self.memory.enqueue(emb, labels)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(7)  # the same initial weights in every process
+    return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, DIM)).double()
+
+
+def grad_batches() -> list[tuple[list[int], Tensor, Tensor]]:
+    """Two steps of a global batch split unequally between the ranks: (sizes, x, y)."""
+    gen = torch.Generator().manual_seed(99)
+    out = []
+    for sizes in ([6, 4], [5, 5]):
+        n = sum(sizes)
+        x = torch.randn(n, FEATURES, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 4, (n,), generator=gen)
+        out.append((sizes, x, y))
+    return out
+
+
+def rank_slice(sizes: list[int], rank: int) -> slice:
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def grads_of(model: nn.Module) -> list[Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+# -- the two-rank worker ------------------------------------------------------------------------
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        out: dict = {"rank_world": rank_and_world_size()}
+
+        # Memories: rank-order global enqueue vs local-only enqueue (the common mistake).
+        out["memories"], out["local_only"] = [], []
+        for sc in memory_scenarios():
+            mem = CrossBatchMemory(sc["size"], DIM)
+            local = CrossBatchMemory(sc["size"], DIM)
+            for step in sc["batches"]:
+                emb, labels = step[rank]
+                enqueue_global(mem, emb, labels)
+                local.enqueue(emb, labels)
+            out["memories"].append(mem.get())
+            out["local_only"].append(local.get())
+
+        # Gradients: plain DDP step, PLB exact and PLB chunk_loss, each over two steps.
+        for variant in ("plain", "plb_exact", "plb_chunk_loss", "unscaled"):
+            ddp = nn.parallel.DistributedDataParallel(make_model())
+            objective = MemoryTripletLoss(size=7)
+            loss_fn = GlobalBatchLoss(objective, grad_scale=1.0 if variant == "unscaled" else None)
+            steps = []
+            for sizes, x, y in grad_batches():
+                if variant == "plb_chunk_loss" and sizes[0] != sizes[1]:
+                    continue  # chunk_loss gathers per chunk: every rank needs the same K
+                xs, ys = x[rank_slice(sizes, rank)], y[rank_slice(sizes, rank)]
+                ddp.zero_grad(set_to_none=True)
+                if variant.startswith("plb"):
+                    mode = variant.removeprefix("plb_")
+                    plb = PseudoLargeBatch(ddp, loss_fn, chunk_size=2, mode=mode)
+                    with gradients_synced_after(ddp):
+                        loss = plb(xs, ys)
+                else:
+                    emb = ddp(xs)
+                    loss = loss_fn(emb, ys)
+                    loss.backward()
+                    loss_fn.after_loss(emb.detach(), ys)
+                steps.append((loss.detach(), grads_of(ddp.module)))
+            out[variant] = {"steps": steps, "memory": objective.memory.get()}
+            out[variant + "_hook_sizes"] = objective.hook_sizes
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def single_process_steps(variant: str) -> dict:
+    """The reference: one process, the concatenated global batch, a plain backward."""
+    model = make_model()
+    objective = MemoryTripletLoss(size=7)
+    steps = []
+    for sizes, x, y in grad_batches():
+        if variant == "plb_chunk_loss" and sizes[0] != sizes[1]:
+            continue
+        model.zero_grad(set_to_none=True)
+        emb = model(x)
+        loss = objective(emb, y)
+        loss.backward()
+        objective.after_loss(emb.detach(), y)
+        steps.append((loss.detach(), grads_of(model)))
+    return {"steps": steps, "memory": objective.memory.get()}
+
+
+# -- two-rank tests -------------------------------------------------------------------------------
+
+
+def test_ranks_see_themselves(ranks):
+    assert [r["rank_world"] for r in ranks] == [(0, 2), (1, 2)]
+
+
+def test_memories_identical_on_both_ranks_and_equal_single_process(ranks):
+    for i, sc in enumerate(memory_scenarios()):
+        single = CrossBatchMemory(sc["size"], DIM)
+        for step in sc["batches"]:
+            single.enqueue(torch.cat([e for e, _ in step]), torch.cat([lab for _, lab in step]))
+        for r in ranks:
+            for got, want in zip(r["memories"][i], single.get(), strict=True):
+                assert torch.equal(got, want), f"scenario {i}"
+
+
+def test_local_only_enqueue_would_diverge(ranks):
+    # The control: without the gather, the ranks' memories differ in these scenarios.
+    differ = [
+        any(not torch.equal(a, b) for a, b in zip(m0, m1, strict=True))
+        for m0, m1 in zip(ranks[0]["local_only"], ranks[1]["local_only"], strict=True)
+    ]
+    assert any(differ)
+
+
+@pytest.mark.parametrize("variant", ["plain", "plb_exact", "plb_chunk_loss"])
+def test_two_rank_gradient_equals_single_process(ranks, variant):
+    want = single_process_steps(variant)
+    assert len(want["steps"]) >= 1
+    for r in ranks:
+        got = r[variant]
+        assert len(got["steps"]) == len(want["steps"])
+        for (loss, grads), (ref_loss, ref_grads) in zip(got["steps"], want["steps"], strict=True):
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+            for g, ref in zip(grads, ref_grads, strict=True):
+                torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12)
+        # PLB forwards in chunks (different GEMM shapes): embeddings agree to rounding only
+        for m, ref in zip(got["memory"], want["memory"], strict=True):
+            torch.testing.assert_close(m, ref, rtol=1e-12, atol=1e-12)
+    # ... but the ranks' memories are bit-identical to each other
+    for a, b in zip(ranks[0][variant]["memory"], ranks[1][variant]["memory"], strict=True):
+        assert torch.equal(a, b)
+    # hooks saw the whole global batch once per step, not the local rows
+    expected = [
+        sum(sizes)
+        for sizes, _, _ in grad_batches()
+        if variant != "plb_chunk_loss" or sizes[0] == sizes[1]
+    ]
+    assert ranks[0][variant + "_hook_sizes"] == expected
+
+
+def test_without_scaling_ddp_averaging_halves_the_gradient(ranks):
+    want = single_process_steps("unscaled")
+    for (_, grads), (_, ref) in zip(ranks[0]["unscaled"]["steps"], want["steps"], strict=True):
+        for g, r in zip(grads, ref, strict=True):
+            torch.testing.assert_close(g * WORLD, r, rtol=1e-9, atol=1e-12)
+
+
+# -- single-process behaviour (no process group) ------------------------------------------------
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 6), scale=st.floats(0.25, 8.0))
+def test_without_process_group_gather_is_identity_with_scaled_grad(seed, n, scale):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, DIM, generator=gen, dtype=torch.float64)
+    out, offset = all_gather_rank_order(x, grad_scale=scale)
+    assert offset == 0 and torch.equal(out, x)
+    (out * w).sum().backward()
+    torch.testing.assert_close(x.grad, scale * w)
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 8))
+def test_without_process_group_global_loss_is_the_loss(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    plain, wrapped = MemoryTripletLoss(5), GlobalBatchLoss(MemoryTripletLoss(5))
+    assert wrapped.grad_scale == 1.0
+    torch.testing.assert_close(wrapped(emb, labels), plain(emb, labels), rtol=0, atol=0)
+    wrapped.after_loss(emb, labels)
+    plain.after_loss(emb, labels)
+    for a, b in zip(wrapped.loss_fn.memory.get(), plain.memory.get(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_global_loss_without_hooks_has_no_hook_effect_and_empty_stats():
+    loss = GlobalBatchLoss(lambda e, y: e.sum())
+    loss.before_loss(torch.ones(2, DIM), torch.zeros(2, dtype=torch.int64))  # must not raise
+    assert loss.last_stats == {}
+
+
+def test_all_reduce_without_process_group_fills_missing_grads():
+    model = make_model()
+    all_reduce_gradients(model)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    with gradients_synced_after(model):
+        model(torch.ones(1, FEATURES, dtype=torch.float64)).sum().backward()
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_grad_scale_must_be_positive(bad):
+    with pytest.raises(ValueError, match="grad_scale"):
+        GlobalBatchLoss(lambda e, y: e.sum(), grad_scale=bad)
