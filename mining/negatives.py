@@ -166,12 +166,14 @@ def random_negatives(
     *,
     generator: torch.Generator | None = None,
     chunk: int | None = None,
-) -> Tensor:
-    """``(B, k)`` indices of candidates drawn uniformly without replacement among those whose
-    label differs from the anchor's (-1 where fewer than ``k`` exist).
+) -> tuple[Tensor, Tensor]:
+    """``(keys (B, k), idx (B, k))``: candidates drawn uniformly without replacement among those
+    whose label differs from the anchor's (``-inf`` / -1 where fewer than ``k`` exist).
 
     Uniform because each admissible candidate gets an i.i.d. uniform key and the top-k keys win
     (the control miner: same masking and chunking as :func:`hardest_negatives`, random scores).
+    The keys are returned so that draws over disjoint candidate sets can be merged with
+    :func:`merge_topk` and stay uniform over the union.
     """
     num_anchors, num_cands = anchor_labels.shape[0], cand_labels.shape[0]
     labels2d = _check_inputs(anchor_labels, cand_labels, num_anchors, num_cands, k)
@@ -182,4 +184,4 @@ def random_negatives(
         keys = torch.rand(num_anchors, stop - start, generator=generator, device=device)
         return keys.to(anchor_labels.device)
 
-    return _scan_topk(score, labels2d, cand_labels, k, None, chunk, None)[1]
+    return _scan_topk(score, labels2d, cand_labels, k, None, chunk, None)

@@ -148,7 +148,7 @@ def test_random_negatives_are_distinct_admissible_and_cover(seed, k):
     gen = torch.Generator().manual_seed(seed)
     alabels = torch.randint(0, 3, (6,), generator=gen)
     clabels = torch.randint(0, 3, (20,), generator=gen)
-    idx = random_negatives(alabels, clabels, k, generator=gen, chunk=6)
+    _, idx = random_negatives(alabels, clabels, k, generator=gen, chunk=6)
     for i in range(6):
         admissible = {j for j in range(20) if clabels[j] != alabels[i]}
         chosen = [int(j) for j in idx[i] if j >= 0]
@@ -159,7 +159,7 @@ def test_random_negatives_are_distinct_admissible_and_cover(seed, k):
 def test_random_negatives_are_roughly_uniform():
     gen = torch.Generator().manual_seed(1)
     clabels = torch.tensor([0, 1, 1, 2, 2, 2])
-    idx = random_negatives(torch.zeros(6000, dtype=torch.long), clabels, generator=gen, chunk=4)
+    _, idx = random_negatives(torch.zeros(6000, dtype=torch.long), clabels, generator=gen, chunk=4)
     counts = torch.bincount(idx[:, 0], minlength=6)
     assert counts[0] == 0
     assert ((counts[1:] - 1200).abs() < 150).all()  # 5 admissible, 1200 expected each (~4.4 sd)

@@ -1,0 +1,248 @@
+"""MetricObjective: miner + metric loss (+ optional CB-HEM memory) as one callable.
+
+The protocol (docs/architecture.md) used by training loops, PLB and the harness::
+
+    obj.before_loss(emb.detach(), labels)  # once per step; enqueues here if enqueue="before"
+    loss = obj(emb, labels)                # pure: reads the memory, never changes it
+    obj.after_loss(emb.detach(), labels)   # once per step; enqueues here if enqueue="after"
+    obj.last_stats                         # dict[str, float] of the latest call
+
+CB-HEM [recon] (methods.md §2): negatives are mined over batch ∪ memory once the memory is
+active (``warmup_steps`` steps done and not empty). Each mined term's loss is weighted 1 when its
+negative is a batch row and ``memory_weight`` (w) when it came from the memory, so that
+``loss = L_batch + w·L_mem`` with both parts sharing the reduction's denominator. On equal
+similarity the in-batch negative wins (it carries a gradient). With ``in_batch=False`` only
+memory negatives are used while the memory is active (in-batch mining during warm-up).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .losses import LOSSES, TermSims
+from .memory import CrossBatchMemory
+from .miners import MINERS, Candidates
+
+_REDUCTIONS = ("mean_nonzero", "mean_all")
+_ENQUEUE = ("before", "after")
+_MINERS_WITH_K = ("top_k", "random")
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _keep_max_per_pair(term: Tensor, anchor: Tensor, positive: Tensor, num_batch: int) -> Tensor:
+    """Indices of the terms that are the largest of their unordered positive pair {a, p}."""
+    pair = torch.minimum(anchor, positive) * num_batch + torch.maximum(anchor, positive)
+    _, group = torch.unique(pair, return_inverse=True)
+    best = torch.full((int(group.max()) + 1,), -math.inf, dtype=term.dtype, device=term.device)
+    best = best.scatter_reduce(0, group, term.detach(), reduce="amax")
+    is_best = term.detach() == best[group]
+    # One winner per pair even on ties: the last term index among the maxima.
+    order = torch.arange(term.shape[0], device=term.device)
+    winner = torch.full_like(best, -1, dtype=torch.int64).scatter_reduce(
+        0, group, torch.where(is_best, order, -1), reduce="amax"
+    )
+    return winner
+
+
+class MetricObjective:
+    """Miner + loss + optional cross-batch memory; see the module docstring for the protocol.
+
+    Args:
+        miner: a key of :data:`mining.miners.MINERS`.
+        loss: a key of :data:`mining.losses.LOSSES`.
+        margin: triplet / MPS margin m, and the threshold miner's margin.
+        memory_size: CB-HEM memory M in samples; 0 = in-batch mining only.
+        memory_weight: w in ``L = L_batch + w·L_mem``.
+        warmup_steps: optimisation steps (``after_loss`` calls) before the memory is mined; it is
+            filled during warm-up so it is full when mining starts.
+        enqueue: ``"before"`` or ``"after"`` the loss.
+        in_batch: mine batch negatives too once the memory is active.
+        k: negatives per anchor for ``top_k`` and ``random`` (must be 1 for other miners).
+        reduction: ``"mean_nonzero"`` (mean over terms with a non-zero loss) or ``"mean_all"``.
+        memory_dtype: storage dtype of the memory (fp16 halves it; similarities are computed in
+            the embeddings' dtype).
+        alpha1, alpha2: quadruplet margins (α2 < α1).
+        seed: base seed of the random miner (reseeded per step, so repeated calls agree).
+        chunk: candidates per similarity GEMM (default: see :func:`mining.negatives.default_chunk`).
+    """
+
+    def __init__(
+        self,
+        miner: str = "batch_hard",
+        loss: str = "triplet",
+        margin: float = 0.2,
+        *,
+        memory_size: int = 0,
+        memory_weight: float = 1.0,
+        warmup_steps: int = 0,
+        enqueue: str = "after",
+        in_batch: bool = True,
+        k: int = 1,
+        reduction: str = "mean_nonzero",
+        memory_dtype: torch.dtype = torch.float32,
+        alpha1: float = 0.2,
+        alpha2: float = 0.1,
+        seed: int = 0,
+        chunk: int | None = None,
+    ) -> None:
+        _check("miner", miner, MINERS)
+        _check("loss", loss, LOSSES)
+        _check("enqueue", enqueue, _ENQUEUE)
+        _check("reduction", reduction, _REDUCTIONS)
+        for name, value in (("memory_size", memory_size), ("warmup_steps", warmup_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not float(memory_weight) >= 0.0:
+            raise ValueError(f"memory_weight must be >= 0, got {memory_weight!r}")
+        if k != 1 and miner not in _MINERS_WITH_K:
+            raise ValueError(f"k={k!r} needs miner in {list(_MINERS_WITH_K)}, got miner={miner!r}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 or None, got {chunk!r}")
+        params: dict = {}
+        if miner in _MINERS_WITH_K:
+            params["k"] = k
+        if miner == "threshold":
+            params["margin"] = margin
+        self.miner_name, self.loss_name = miner, loss
+        self.miner = MINERS[miner](**params)
+        self.loss = (
+            LOSSES[loss](alpha1=alpha1, alpha2=alpha2)
+            if loss == "quadruplet"
+            else LOSSES[loss](margin=margin)
+        )
+        self.memory_size = memory_size
+        self.memory_weight = float(memory_weight)
+        self.warmup_steps = warmup_steps
+        self.enqueue = enqueue
+        self.in_batch = bool(in_batch)
+        self.reduction = reduction
+        self.memory_dtype = memory_dtype
+        self.seed = seed
+        self.chunk = chunk
+        self.memory: CrossBatchMemory | None = None  # created on the first enqueue (dim, device)
+        self.step = 0  # completed optimisation steps (after_loss calls)
+        self.last_stats: dict[str, float] = {}
+
+    # -- step hooks -----------------------------------------------------------------------------
+    def before_loss(self, emb: Tensor, labels: Tensor) -> None:
+        if self.enqueue == "before":
+            self._enqueue(emb, labels)
+
+    def after_loss(self, emb: Tensor, labels: Tensor) -> None:
+        if self.enqueue == "after":
+            self._enqueue(emb, labels)
+        self.step += 1
+
+    def _enqueue(self, emb: Tensor, labels: Tensor) -> None:
+        if self.memory_size == 0:
+            return
+        if self.memory is None:
+            self.memory = CrossBatchMemory(
+                self.memory_size, emb.shape[-1], dtype=self.memory_dtype, device=emb.device
+            )
+        self.memory.enqueue(F.normalize(emb.detach(), dim=1), labels)
+
+    def memory_active(self) -> bool:
+        return self.memory is not None and len(self.memory) > 0 and self.step >= self.warmup_steps
+
+    # -- the loss -------------------------------------------------------------------------------
+    def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """Loss of ``emb (N, d)`` (raw; L2-normalised here) with int64 ``labels (N,)``; pure."""
+        if emb.ndim != 2 or labels.shape != (emb.shape[0],):
+            raise ValueError(
+                f"emb must be (N, d) and labels (N,), got {tuple(emb.shape)} and {tuple(labels.shape)}"
+            )
+        f = F.normalize(emb, dim=1)
+        num_batch = f.shape[0]
+        if self.memory_active():
+            mem, mem_labels, mem_ages = self.memory.get(ordered=False)
+        else:
+            mem = f.new_zeros(0, f.shape[1])
+            mem_labels = labels.new_zeros(0)
+            mem_ages = labels.new_zeros(0)
+        cands = Candidates(
+            f.detach(),
+            labels,
+            mem,
+            mem_labels,
+            use_batch=self.in_batch or mem.shape[0] == 0,
+            chunk=self.chunk,
+        )
+        if self.miner_name == "random":
+            self.miner.seed = self.seed * 1_000_003 + self.step  # same draw on every call of a step
+        mined = self.miner(cands) if num_batch else None
+        a, p, n = (mined.anchor, mined.positive, mined.negative) if mined else (labels[:0],) * 3
+
+        n2 = None
+        if self.loss.needs_second_negative and a.numel():
+            anchors_n1 = cands.rows(n)
+            excluded = torch.stack([cands.labels_of(n), labels[a]], dim=1)
+            n2 = cands.hardest(anchors_n1, excluded, 1)[1][:, 0]
+            keep = n2 >= 0
+            a, p, n, n2 = a[keep], p[keep], n[keep], n2[keep]
+
+        rows_n = cands.rows(n, batch=f)
+        sims = TermSims(
+            ap=(f[a] * f[p]).sum(dim=1),
+            an=(f[a] * rows_n).sum(dim=1),
+            nn=None if n2 is None else (rows_n * cands.rows(n2, batch=f)).sum(dim=1),
+        )
+        term = self.loss(sims)
+        if self.loss.max_per_pair and term.numel():
+            keep = _keep_max_per_pair(term, a, p, num_batch)
+            a, p, n, term = a[keep], p[keep], n[keep], term[keep]
+
+        from_memory = n >= num_batch
+        active = term.detach() > 0
+        count = term.numel() if self.reduction == "mean_all" else int(active.sum())
+        zero = f.sum() * 0.0  # keeps the graph connected: an all-zero gradient, never NaN
+        if count == 0:
+            loss = loss_batch = loss_mem = zero
+        else:
+            loss_batch = term[~from_memory].sum() / count
+            loss_mem = term[from_memory].sum() / count
+            loss = loss_batch + self.memory_weight * loss_mem
+        mem_rows = n[from_memory] - num_batch
+        self.last_stats = {
+            "memory_share": float(from_memory.float().mean()) if n.numel() else 0.0,
+            "neg_age": float(mem_ages[mem_rows].double().mean()) if mem_rows.numel() else math.nan,
+            "active_frac": float(a[active].unique().numel() / num_batch) if num_batch else 0.0,
+            "num_terms": float(term.numel()),
+            "loss_batch": float(loss_batch.detach()),
+            "loss_mem": float(loss_mem.detach()),
+        }
+        return loss
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the memory and the step counter."""
+        self.memory = None
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "memory": None if self.memory is None else self.memory.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if state["memory"] is None:
+            self.memory = None
+            return
+        mem_state = state["memory"]
+        self.memory = CrossBatchMemory(
+            mem_state["size"],
+            mem_state["dim"],
+            dtype=mem_state["emb"].dtype,
+            device=mem_state["emb"].device,
+        )
+        self.memory.load_state_dict(mem_state)
