@@ -14,7 +14,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+
+
+class _WideConsole(Console):
+    """A rich console that is 160 columns wide when not writing to a terminal (CI logs, pipes),
+    instead of rich's default 80, so that case names and numbers are not truncated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not self.is_terminal:
+            self.width = 160
+
+
+console = _WideConsole()
 
 
 def _fail(message: str) -> typer.Exit:

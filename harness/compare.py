@@ -10,7 +10,8 @@ that used different seed lists). For each config present in both runs and each m
 
 A breach is a change in the bad direction beyond the threshold: lower is worse for throughput
 and TAR/AUC/accuracy, higher is worse for memory, EER and durations. A config that has ok trials
-in the base run but none in the head run is also a breach (it crashed or was dropped).
+in the base run but none in the head run is also a breach (every seed failed); a config found in
+one run only is reported as a note.
 """
 
 from __future__ import annotations
@@ -136,14 +137,18 @@ def expand_metric(name: str, columns: list[str]) -> list[str]:
 
 
 def aggregate(frame: pl.DataFrame, by: list[str], metrics: list[str]) -> pl.DataFrame:
-    """Mean of each metric over the ok trials of each config, with `n` (ok trials) per config."""
-    ok = frame.filter(pl.col("status") == "ok")
+    """Per config: `trials` (any status), `n` (ok trials), each metric's mean over ok trials."""
     if not by:
-        ok = ok.with_columns(pl.lit("all").alias("_config"))
+        frame = frame.with_columns(pl.lit("all").alias("_config"))
         by = ["_config"]
+    ok = pl.col("status") == "ok"
     return (
-        ok.group_by(by)
-        .agg(pl.len().alias("n"), *[pl.col(m).cast(pl.Float64).mean() for m in metrics])
+        frame.group_by(by)
+        .agg(
+            pl.len().alias("trials"),
+            ok.sum().alias("n"),
+            *[pl.col(m).filter(ok).cast(pl.Float64).mean() for m in metrics],
+        )
         .sort(by)
     )
 
@@ -176,36 +181,22 @@ def compare_runs(
     a, b = aggregate(base, by, metrics), aggregate(head, by, metrics)
     keys = by or ["_config"]
     joined = a.join(b, on=keys, how="full", suffix="_head", coalesce=True, nulls_equal=True)
-    if joined.height == 0:
-        raise RunError("no ok trials in either run: nothing to compare")
     deltas: list[Delta] = []
     notes: list[str] = []
     for row in joined.sort(keys).iter_rows(named=True):
         label = _label(row, by)
-        if row["n"] is None:
-            notes.append(f"only in head: {label}")
+        if row["trials"] is None or row["trials_head"] is None:
+            notes.append(f"only in {'head' if row['trials'] is None else 'base'}: {label}")
             continue
-        if row["n_head"] is None:
-            deltas.append(
-                Delta(
-                    label,
-                    "status",
-                    None,
-                    None,
-                    row["n"],
-                    0,
-                    None,
-                    None,
-                    True,
-                    "no ok trial in head",
-                )
-            )
+        if row["n"] and not row["n_head"]:
+            note = "no ok trial in head"
+            deltas.append(Delta(label, "status", None, None, row["n"], 0, None, None, True, note))
             continue
         for m in metrics:
             deltas.append(
                 _delta(label, m, row[m], row[f"{m}_head"], row["n"], row["n_head"], limits.get(m))
             )
-    if not any(d.base is not None for d in deltas) and not any(d.breached for d in deltas):
+    if not deltas:
         raise RunError(f"no config in common between the runs (joined on {', '.join(keys)})")
     return deltas, notes
 
