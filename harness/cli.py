@@ -6,12 +6,19 @@ Exit codes: 0 ok, 1 a trial failed or a regression was found, 2 bad input.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from harness import __version__, cli_perf
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from harness.suite import Suite
 
 app = typer.Typer(
     name="hembench",
@@ -26,6 +33,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console()
+err_console = Console(stderr=True)
 
 
 def _version_callback(value: bool) -> None:
@@ -37,7 +45,11 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """hembench command-line interface."""
@@ -45,7 +57,9 @@ def main(
 
 @app.command()
 def env(
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print machine-readable JSON instead of a table."
+    ),
 ) -> None:
     """Show versions, CUDA devices and NVML status (works without a GPU or nvidia-ml-py).
 
@@ -60,11 +74,273 @@ def env(
     table = Table(title="hembench environment", show_header=False)
     for key, value in info.items():
         if key == "gpus":
-            value = ", ".join(f"{g['index']}: {g['name']} ({g['total_mib']} MiB)" for g in value) or "none"
+            value = (
+                ", ".join(f"{g['index']}: {g['name']} ({g['total_mib']} MiB)" for g in value)
+                or "none"
+            )
         elif key == "nvml":
-            value = f"available, driver {value['driver']}" if value["available"] else f"unavailable ({value['reason']})"
+            value = (
+                f"available, driver {value['driver']}"
+                if value["available"]
+                else f"unavailable ({value['reason']})"
+            )
         table.add_row(key, str(value))
     console.print(table)
+
+
+# --- suites: validate / plan / run -----------------------------------------------------------
+
+SUITE_ARG = typer.Argument(
+    ..., help="Suite file (TOML), e.g. suites/smoke.toml.", show_default=False
+)
+
+
+def _fail(problems: list[str]) -> NoReturn:
+    """Print input problems (one per line, no traceback) and exit 2."""
+    for p in problems:
+        err_console.print(f"error: {p}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(path: Path, device: str | None = None) -> Suite:
+    from harness.suite import SuiteError, load_suite
+
+    try:
+        return load_suite(path, device=device)
+    except SuiteError as exc:
+        _fail(exc.problems)
+
+
+@app.command()
+def validate(suite: Path = SUITE_ARG) -> None:
+    """Validate a suite file and run nothing: exit 0 if valid, 2 with one message per problem.
+
+    Example: `hembench validate suites/ivs_ablation.toml`
+    """
+    s = _load(suite)
+    console.print(f"{suite}: ok ({len(s.trials)} trials)")
+
+
+@app.command()
+def plan(
+    suite: Path = SUITE_ARG,
+    device: str | None = typer.Option(None, help="Override train.device: auto, cpu or cuda."),
+) -> None:
+    """Validate a suite and print its expanded grid (trial ids, configs, estimated extra memory).
+
+    Example: `hembench plan suites/ivs_ablation.toml`
+    """
+    from harness.suite import estimated_extra_mib, method_label, trial_id
+
+    s = _load(suite, device)
+    table = Table(title=f"suite {s.name}: {len(s.trials)} trials")
+    for col in ("#", "trial id", "seed", "method", "memory", "virtual batch", "est. extra MiB"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for i, t in enumerate(s.trials):
+        table.add_row(
+            str(i),
+            trial_id(t),
+            str(t.seed),
+            method_label(t),
+            str(t.method.memory),
+            str(t.virtual_batch),
+            f"{estimated_extra_mib(t):.1f}",
+        )
+    console.print(table)
+    console.print(
+        "est. extra MiB = CB-HEM memory bank + PLB representation cache; activations excluded."
+    )
+
+
+@app.command()
+def run(
+    suite: Path = SUITE_ARG,
+    results_dir: Path = typer.Option(
+        Path("results"), help="Results root; the run goes to DIR/<suite>/<run_id>/."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the latest run of this suite (or --run-id): re-run only missing or not-ok trials.",
+    ),
+    run_id: str | None = typer.Option(
+        None, help="Name of the run directory (default: UTC time + random suffix)."
+    ),
+    executor: str = typer.Option(
+        "local", help="Where trials run: local (process per trial) or ray."
+    ),
+    jobs: int = typer.Option(1, min=1, help="Trials running at the same time."),
+    device: str | None = typer.Option(
+        None, help="Override train.device for every trial: auto, cpu or cuda."
+    ),
+    in_process: bool = typer.Option(
+        False,
+        "--in-process",
+        help="Run trials in this process (debugging; timeouts only between steps).",
+    ),
+    timeout: float | None = typer.Option(
+        None, min=0.001, help="Per-trial timeout in seconds (overrides suite.timeout_s)."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress output, only the summary."
+    ),
+) -> None:
+    """Run every trial of a suite and write one Parquet file per trial.
+
+    Exit 0 if all trials are ok, 1 if any trial failed (oom, nan, timeout, failed), 2 on bad input.
+
+    Examples:
+      `hembench run suites/smoke.toml`
+      `hembench run suites/ivs_ablation.toml --jobs 2 --device cuda`
+      `hembench run suites/ivs_ablation.toml --resume`   (after an interruption)
+    """
+    import sys
+
+    from harness import results as res
+    from harness.envinfo import collect_env
+    from harness.executors import EXECUTORS, TrialSpec, get_executor
+    from harness.progress import RunProgress
+    from harness.report import summary_table
+    from harness.suite import method_label, trial_id
+
+    if executor not in EXECUTORS:
+        _fail([f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}"])
+    s = _load(suite, device)
+    ids = [trial_id(t) for t in s.trials]
+    env = collect_env()
+    if not env["gpus"] and any(t.train.device == "cuda" for t in s.trials):
+        _fail([f"{suite}: train.device = 'cuda' but no CUDA device is available"])
+    try:
+        run_dir = (
+            res.RunDir.find(results_dir, s.name, run_id)
+            if resume
+            else res.RunDir.create(results_dir, s.name, run_id)
+        )
+        with run_dir.lock():
+            meta = (
+                run_dir.read_meta()
+                if resume
+                else res.run_meta_start(str(suite), s.text, env, ids, sys.argv)
+            )
+            if resume and meta.get("suite_text") != s.text:
+                _fail(
+                    [
+                        f"{run_dir.path}: the suite file changed since this run started; start a new run"
+                    ]
+                )
+            run_dir.write_meta(meta)
+            done = run_dir.done() if resume else {}
+            baseline_key = s.baseline.model_dump(exclude={"seed"})
+            specs = [
+                TrialSpec(
+                    trial_id=tid,
+                    suite=s.name,
+                    run_id=run_dir.run_id,
+                    seed=t.seed,
+                    config={
+                        **t.model_dump(),
+                        "trial_index": i,
+                        "is_baseline": t.model_dump(exclude={"seed"}) == baseline_key,
+                    },
+                    timeout_s=timeout if timeout is not None else s.meta.timeout_s,
+                )
+                for i, (tid, t) in enumerate(zip(ids, s.trials, strict=True))
+                if done.get(tid) != "ok"
+            ]
+            if not quiet:
+                console.print(
+                    f"run {run_dir.path}: {len(specs)} of {len(ids)} trials to run"
+                    + (f" ({len(ids) - len(specs)} already ok)" if resume else ""),
+                    highlight=False,
+                )
+            if env["gpus"] and not env["nvml"]["available"]:
+                err_console.print(
+                    f"warning: NVML unavailable ({env['nvml']['reason']}); nvml_* columns will be null"
+                )
+            labels = {tid: method_label(t) for tid, t in zip(ids, s.trials, strict=True)}
+            with RunProgress(console, len(specs), labels, quiet) as prog:
+
+                def on_result(outcome: Any) -> None:
+                    run_dir.write_outcome(outcome)
+                    prog.done(outcome)
+
+                get_executor(executor, jobs=jobs, in_process=in_process).run(
+                    specs, on_result, prog.update
+                )
+            statuses = run_dir.done()
+            counts = {
+                st: sum(1 for v in statuses.values() if v == st)
+                for st in sorted(set(statuses.values()))
+            }
+            run_dir.write_meta(res.finish_meta(run_dir.read_meta(), counts, resume))
+    except res.RunDirError as exc:
+        _fail([str(exc)])
+    console.print(summary_table(res.load_run(run_dir.path)))
+    console.print(f"results: {run_dir.path}", highlight=False)
+    if any(statuses.get(tid) != "ok" for tid in ids):
+        raise typer.Exit(1)
+
+
+# --- reading runs: show / plot -----------------------------------------------------------------
+
+RUN_ARG = typer.Argument(
+    ..., help="A run directory, e.g. results/smoke/<run_id>.", show_default=False
+)
+
+
+def _load_run(run_dir: Path) -> pl.DataFrame:
+    from harness.results import RunDirError, load_run
+
+    try:
+        return load_run(run_dir)
+    except RunDirError as exc:
+        _fail([str(exc)])
+
+
+@app.command()
+def show(
+    run_dir: Path = RUN_ARG,
+    fmt: str = typer.Option("table", "--format", help="table (rich), csv, json or markdown."),
+    far: float | None = typer.Option(
+        None, help="FAR of the TAR column (default: 1e-3 if evaluated, else the lowest)."
+    ),
+) -> None:
+    """Summarise a run: memory × virtual batch pivots of TAR@FAR, peak MiB and samples/s,
+    mean ± 95% CI over seeds and Δ vs the suite's baseline.
+
+    Examples: `hembench show results/smoke/<run_id>`,
+    `hembench show results/ivs_ablation/<run_id> --format csv > grid.csv`
+    """
+    from harness import report
+
+    if fmt not in report.FORMATS:
+        _fail([f"--format must be one of {', '.join(report.FORMATS)}; got {fmt!r}"])
+    frame = _load_run(run_dir)
+    try:
+        report.show(frame, fmt, far, console)
+    except ValueError as exc:
+        _fail([str(exc)])
+
+
+@app.command()
+def plot(
+    run_dir: Path = RUN_ARG,
+    out: Path | None = typer.Option(None, help="Directory for the PNGs (default: RUN_DIR/plots)."),
+    far: float | None = typer.Option(None, help="FAR of the accuracy plot (default as in show)."),
+) -> None:
+    """Write PNG plots: accuracy vs memory size, peak memory vs virtual batch, throughput vs memory.
+
+    Example: `hembench plot results/ivs_ablation/<run_id> --out figs/`
+    """
+    from harness import report
+
+    frame = _load_run(run_dir)
+    try:
+        paths = report.plot(frame, out or run_dir / "plots", far)
+    except ValueError as exc:
+        _fail([str(exc)])
+    for p in paths:
+        console.print(str(p), highlight=False)
 
 
 cli_perf.register(app)
