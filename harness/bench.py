@@ -230,7 +230,9 @@ def _build_head(name: str) -> Callable[[torch.device, dict[str, Any]], Pair]:
 
         g = torch.Generator().manual_seed(3)
         b, d, c = p["batch"], p["dim"], p["classes"]
-        head = HEADS[name](d, c).to(device)
+        # HSM's class-size margin needs class counts: a long tail 1..50, deterministic
+        extra = {"class_counts": torch.arange(c) % 50 + 1} if name == "hsm" else {}
+        head = HEADS[name](d, c, **extra).to(device)
         emb = torch.randn(b, d, generator=g).to(device).requires_grad_(True)
         labels = torch.randint(0, c, (b,), generator=g).to(device)
         weight = head.weight.detach().clone().requires_grad_(True)
@@ -402,7 +404,11 @@ def select(cases: list[Case], only: list[str] | None) -> list[Case]:
 def iter_bench(
     cases: list[Case], *, preset: str, repeat: int, min_time_s: float, device: torch.device
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Run each case, yielding `(name, record)`; a missing module yields a `skipped` record."""
+    """Run each case, yielding `(name, record)`.
+
+    A missing module (ImportError) yields `{"skipped": reason}`; any other exception while
+    building or timing yields `{"error": message}` (the bench then fails, see `failed_cases`).
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     if repeat < 1:
@@ -411,11 +417,12 @@ def iter_bench(
         params = case.params[preset]
         try:
             pair = case.build(device, params)
+            record = {"reference": case.reference, "params": params, "exact": pair.exact}
+            record.update(measure_ratio(pair, repeat, min_time_s, device))
         except ImportError as exc:
-            yield case.name, {"skipped": f"module not available: {exc}"}
-            continue
-        record = {"reference": case.reference, "params": params, "exact": pair.exact}
-        record.update(measure_ratio(pair, repeat, min_time_s, device))
+            record = {"skipped": f"module not available: {exc}"}
+        except Exception as exc:  # a crashing benchmark is a finding, reported with its case
+            record = {"error": f"{type(exc).__name__}: {exc}"}
         yield case.name, record
 
 
@@ -504,7 +511,7 @@ def validate_document(doc: Any, what: str) -> dict[str, Any]:
     for name, rec in doc["cases"].items():
         if not isinstance(rec, dict):
             raise BaselineError(f"{what}: case {name!r} is not an object")
-        if "skipped" in rec:
+        if "skipped" in rec or "error" in rec:
             continue
         median = rec.get("ratio", {}).get("median") if isinstance(rec.get("ratio"), dict) else None
         if not isinstance(median, (int, float)) or median <= 0:
@@ -512,6 +519,11 @@ def validate_document(doc: Any, what: str) -> dict[str, Any]:
         if not isinstance(rec.get("exact", {}), dict):
             raise BaselineError(f"{what}: case {name!r} has a non-object 'exact'")
     return doc
+
+
+def failed_cases(doc: dict[str, Any]) -> dict[str, str]:
+    """`{case: error message}` for the cases that crashed."""
+    return {name: rec["error"] for name, rec in doc["cases"].items() if "error" in rec}
 
 
 def compare_to_baseline(
@@ -549,11 +561,11 @@ def compare_to_baseline(
     only = current["settings"].get("only") or []
     checks: list[Check] = []
     for name, base in baseline["cases"].items():
-        if "skipped" in base or (only and not any(pat in name for pat in only)):
+        if "skipped" in base or "error" in base or (only and not any(p in name for p in only)):
             continue
         cur = current["cases"].get(name)
-        if cur is None or "skipped" in cur:
-            why = cur["skipped"] if cur else "missing from this run"
+        if cur is None or "skipped" in cur or "error" in cur:
+            why = (cur.get("skipped") or cur.get("error")) if cur else "missing from this run"
             checks.append(Check(name, "ratio", base["ratio"]["median"], None, None, tol, True, why))
             continue
         if cur.get("params") != base.get("params"):
@@ -570,7 +582,7 @@ def compare_to_baseline(
                 continue
             checks.append(_check(name, fig, value, cur["exact"][fig], limit, two_sided=True))
     for name, cur in current["cases"].items():
-        if name not in baseline["cases"] and "skipped" not in cur:
+        if name not in baseline["cases"] and "ratio" in cur:
             checks.append(
                 Check(name, "ratio", None, cur["ratio"]["median"], None, tol, False, "new")
             )

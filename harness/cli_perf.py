@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-
 class _WideConsole(Console):
     """A rich console that is 160 columns wide when not writing to a terminal (CI logs, pipes),
     instead of rich's default 80, so that case names and numbers are not truncated."""
@@ -44,8 +43,9 @@ def _bench_table(doc: dict[str, Any]) -> Table:
     for col in ("case", "reference", "ratio", "IQR", "n", "subject ms", "ref ms"):
         table.add_column(col, justify="left" if col in ("case", "reference") else "right")
     for name, rec in doc["cases"].items():
-        if "skipped" in rec:
-            table.add_row(name, "[yellow]skipped[/]", "", "", "", "", "")
+        if "skipped" in rec or "error" in rec:
+            what = "[yellow]skipped[/]" if "skipped" in rec else "[bold red]error[/]"
+            table.add_row(name, what, "", "", "", "", "")
             continue
         r = rec["ratio"]
         table.add_row(
@@ -70,6 +70,8 @@ def _skipped(doc: dict[str, Any]) -> None:
     for name, rec in doc["cases"].items():
         if "skipped" in rec:
             console.print(f"[yellow]skipped[/] {name}: {rec['skipped']}")
+        if "error" in rec:
+            console.print(f"[bold red]error[/] {name}: {rec['error']}")
 
 
 def _checks_table(checks: list, only_bad: bool) -> Table:
@@ -150,7 +152,7 @@ def bench(
 
     def progress(name: str, rec: dict[str, Any]) -> None:
         if not quiet:
-            what = rec["skipped"] if "skipped" in rec else f"ratio {rec['ratio']['median']:.3f}"
+            what = rec.get("skipped") or rec.get("error") or f"ratio {rec['ratio']['median']:.3f}"
             console.print(f"  {name}: {what}")
 
     try:
@@ -169,7 +171,11 @@ def bench(
         console.print(_bench_table(doc))
         console.print(_exact_table(doc))
         _skipped(doc)
+    crashed = bench_mod.failed_cases(doc)
     if base_doc is None:
+        if crashed:
+            console.print(f"[bold red]{len(crashed)} benchmark(s) crashed[/]")
+            raise typer.Exit(1)
         return
     try:
         checks = bench_mod.compare_to_baseline(doc, base_doc, tolerance)
@@ -178,9 +184,12 @@ def bench(
     regressed = [c for c in checks if c.regressed]
     if not as_json:
         console.print(_checks_table(checks, only_bad=False))
-    if regressed:
+    if regressed or crashed:
         console.print(_checks_table(checks, only_bad=True))
-        console.print(f"[bold red]{len(regressed)} regression(s) against {baseline}[/]")
+        console.print(
+            f"[bold red]{len(regressed)} regression(s) against {baseline}, "
+            f"{len(crashed)} crashed benchmark(s)[/]"
+        )
         raise typer.Exit(1)
     console.print(f"[green]no regression against {baseline}[/]")
 
