@@ -109,7 +109,8 @@ class Candidates:
         Output size is the number of such pairs (the active ones for a margin loss); scanned in
         chunks so that no ``(B, M)`` matrix is built.
         """
-        found_a, found_n = [], []
+        found_a = [labels.new_zeros(0)]
+        found_n = [labels.new_zeros(0)]
         for emb, lab, offset, _ in self._sources(None):
             chunk = self.chunk or default_chunk(anchors.shape[0], emb.shape[0])
             for start in range(0, emb.shape[0], chunk):
@@ -137,11 +138,13 @@ class Candidates:
         return out
 
     def labels_of(self, index: Tensor) -> Tensor:
+        """``(T,)`` labels of candidates indexed as in :class:`Mined`."""
         from_memory = index >= self.num_batch
         out = self.batch_labels[index.clamp(max=self.num_batch - 1)]
-        return torch.where(
-            from_memory, self.memory_labels[(index - self.num_batch).clamp(min=0)], out
-        )
+        if from_memory.any():
+            mem_labels = self.memory_labels[(index - self.num_batch).clamp(min=0)]
+            out = torch.where(from_memory, mem_labels, out)
+        return out
 
 
 def hardest_positives(emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,205 @@
+"""Mining rules over batch ∪ memory against brute-force loops (float64, continuous values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mining.miners import (
+    BatchHardMiner,
+    BidirectionalMiner,
+    Candidates,
+    RandomMiner,
+    SemiHardMiner,
+    ThresholdMiner,
+    TopKMiner,
+    occurrence_rank,
+)
+
+
+@st.composite
+def candidates(draw):
+    """A batch with label collisions (pairs and singletons) and a memory sharing some labels."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    b, m, d = draw(st.integers(1, 10)), draw(st.integers(0, 25)), draw(st.integers(2, 5))
+    n_labels = draw(st.integers(1, 7))
+    unit = lambda n: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1
+    )
+    return Candidates(
+        unit(b),
+        torch.randint(0, n_labels, (b,), generator=gen),
+        unit(m),
+        torch.randint(0, n_labels, (m,), generator=gen),
+        use_batch=draw(st.booleans()),
+        chunk=draw(st.one_of(st.none(), st.integers(1, 8))),
+    )
+
+
+def _all_cands(c: Candidates):
+    """[(index, embedding, label)] of every negative candidate, in Mined index convention."""
+    out = []
+    if c.use_batch:
+        out += [(j, c.batch[j], int(c.batch_labels[j])) for j in range(c.num_batch)]
+    out += [(c.num_batch + j, c.memory[j], int(c.memory_labels[j])) for j in range(len(c.memory))]
+    return out
+
+
+def _ref_positive(c: Candidates, i: int):
+    """(sim, j) of the least similar other batch row with the same label, or None."""
+    pos = [
+        (float(c.batch[i] @ c.batch[j]), j)
+        for j in range(c.num_batch)
+        if j != i and c.batch_labels[j] == c.batch_labels[i]
+    ]
+    return min(pos) if pos else None
+
+
+def _ref_negatives(c: Candidates, i: int, allowed=None):
+    """Descending [(sim, index)] of admissible negatives of anchor i."""
+    negs = [
+        (float(c.batch[i] @ e), j)
+        for j, e, y in _all_cands(c)
+        if y != int(c.batch_labels[i]) and (allowed is None or allowed(j))
+    ]
+    return sorted(negs, reverse=True)
+
+
+def _sim(c: Candidates, a, n):
+    return float(c.batch[a] @ c.rows(n[None])[0])
+
+
+def _assert_valid(c: Candidates, mined):
+    for a, p, n in zip(mined.anchor, mined.positive, mined.negative, strict=True):
+        assert a != p and c.batch_labels[a] == c.batch_labels[p]
+        assert c.labels_of(n[None])[0] != c.batch_labels[a]  # same label is never a negative
+        assert c.use_batch or n >= c.num_batch
+
+
+@given(candidates(), st.integers(1, 4))
+def test_batch_hard_and_top_k_match_brute_force(c, k):
+    for miner, kk in ((BatchHardMiner(), 1), (TopKMiner(k), k)):
+        mined = miner(c)
+        _assert_valid(c, mined)
+        expected = []
+        for i in range(c.num_batch):
+            pos = _ref_positive(c, i)
+            negs = _ref_negatives(c, i)[:kk]
+            if pos is not None:
+                expected += [(i, pos[1], s) for s, _ in negs]
+        got = sorted(
+            (int(a), int(p), _sim(c, a, n))
+            for a, p, n in zip(mined.anchor, mined.positive, mined.negative, strict=True)
+        )
+        assert [(a, p) for a, p, _ in got] == sorted((a, p) for a, p, _ in expected)
+        expected_sims = sorted(expected)
+        for (_, _, s), (_, _, r) in zip(got, expected_sims, strict=True):
+            assert abs(s - r) < 1e-12
+
+
+@given(candidates())
+def test_semi_hard_matches_brute_force(c):
+    mined = SemiHardMiner()(c)
+    _assert_valid(c, mined)
+    got = {int(a): _sim(c, a, n) for a, n in zip(mined.anchor, mined.negative, strict=True)}
+    for i in range(c.num_batch):
+        pos = _ref_positive(c, i)
+        negs = [s for s, _ in _ref_negatives(c, i) if pos is not None and s < pos[0]]
+        if negs:
+            assert abs(got.pop(i) - negs[0]) < 1e-12
+    assert not got
+
+
+@given(candidates(), st.floats(0.0, 1.0))
+def test_threshold_returns_every_negative_within_margin(c, margin):
+    mined = ThresholdMiner(margin)(c)
+    _assert_valid(c, mined)
+    expected = set()
+    for i in range(c.num_batch):
+        pos = _ref_positive(c, i)
+        if pos is not None:
+            expected |= {(i, j) for s, j in _ref_negatives(c, i) if s > pos[0] - margin}
+    got = {(int(a), int(n)) for a, n in zip(mined.anchor, mined.negative, strict=True)}
+    assert got == expected and len(got) == len(mined)
+
+
+@given(candidates(), st.integers(1, 3))
+def test_random_is_admissible_distinct_and_reproducible(c, k):
+    mined = RandomMiner(k, seed=3)(c)
+    _assert_valid(c, mined)
+    again = RandomMiner(k, seed=3)(c)
+    assert torch.equal(mined.negative, again.negative)
+    for i in range(c.num_batch):
+        mine = mined.negative[mined.anchor == i].tolist()
+        n_admissible = len(_ref_negatives(c, i))
+        has_pos = _ref_positive(c, i) is not None
+        assert len(mine) == len(set(mine)) == (min(k, n_admissible) if has_pos else 0)
+
+
+@given(candidates())
+def test_bidirectional_mines_the_other_domain(c):
+    domain = occurrence_rank(c.batch_labels)
+    mined = BidirectionalMiner()(c)
+    _assert_valid(c, mined)
+    got = {int(a): _sim(c, a, n) for a, n in zip(mined.anchor, mined.negative, strict=True)}
+    for i in range(c.num_batch):
+        is_id = bool(domain[i] == 0)
+        other = lambda j: j >= c.num_batch or bool(domain[j] == 0) != is_id  # noqa: E731, B023
+        negs = _ref_negatives(c, i, allowed=other)
+        if _ref_positive(c, i) is not None and negs:
+            assert abs(got.pop(i) - negs[0][0]) < 1e-12
+    assert not got
+
+
+def test_occurrence_rank():
+    assert occurrence_rank(torch.tensor([5, 3, 5, 3, 7, 5])).tolist() == [0, 0, 1, 1, 0, 2]
+
+
+@given(candidates(), st.integers(0, 2**31 - 1))
+def test_permuting_the_batch_permutes_the_result(c, seed):
+    perm = torch.randperm(c.num_batch, generator=torch.Generator().manual_seed(seed))
+    inv = torch.argsort(perm)
+    pc = Candidates(
+        c.batch[perm], c.batch_labels[perm], c.memory, c.memory_labels, c.use_batch, c.chunk
+    )
+    for miner in (BatchHardMiner(), TopKMiner(2), SemiHardMiner(), ThresholdMiner(0.3)):
+        m, pm = miner(c), miner(pc)
+        # Map the permuted result back to original batch rows (memory indices are unchanged).
+        back = lambda idx: torch.where(idx < c.num_batch, perm[idx.clamp(max=c.num_batch - 1)], idx)  # noqa: E731
+        got = sorted(
+            zip(
+                back(pm.anchor).tolist(),
+                back(pm.positive).tolist(),
+                back(pm.negative).tolist(),
+                strict=True,
+            )
+        )
+        want = sorted(zip(m.anchor.tolist(), m.positive.tolist(), m.negative.tolist(), strict=True))
+        assert got == want
+    assert inv.numel() == c.num_batch
+
+
+def test_no_positives_or_no_negatives_mine_nothing():
+    x = torch.nn.functional.normalize(
+        torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    for labels in (torch.arange(4), torch.zeros(4, dtype=torch.long)):
+        c = Candidates.in_batch(x, labels)
+        for miner in (
+            BatchHardMiner(),
+            TopKMiner(3),
+            SemiHardMiner(),
+            ThresholdMiner(),
+            RandomMiner(),
+            BidirectionalMiner(),
+        ):
+            assert len(miner(c)) == 0
+
+
+@pytest.mark.parametrize("miner", [TopKMiner, RandomMiner])
+def test_k_is_validated(miner):
+    with pytest.raises(ValueError, match="k must be"):
+        miner(0)
