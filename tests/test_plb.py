@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch, chunk_bounds
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -341,6 +342,68 @@ def test_select_drops_unselected_paths():
     assert rel_err(grads(half), grads(exact)) > 1e-3
     assert rel_err(grads(default), grads(exact)) <= 1e-10
     assert sum(rows) < 2 * 16  # no-grad pass over 16 rows + a strict subset re-forwarded
+
+
+# -- through the mining core: MetricObjective losses and CB-HEM memory -----------------------
+
+OBJECTIVES = {
+    "triplet": {"miner": "batch_hard", "loss": "triplet"},
+    "quadruplet": {"miner": "batch_hard", "loss": "quadruplet"},
+    "mps": {"miner": "bidirectional", "loss": "mps"},
+    "cbhem": {"miner": "batch_hard", "loss": "triplet", "memory_size": 40, "memory_weight": 0.5},
+}
+
+
+def objective(name: str, dtype: torch.dtype) -> MetricObjective:
+    """A MetricObjective; the CB-HEM one has a memory already filled by two past batches."""
+    obj = MetricObjective(**OBJECTIVES[name], memory_dtype=dtype)
+    for step in range(2):
+        past, labels = make_batch("mlp", 16, seed=100 + step, dtype=dtype, labels="random")
+        obj.after_loss(past[:, :D_OUT], labels + 1000 * step)
+    return obj
+
+
+def objective_reference(model, obj, x, y, chunk_size, seed):
+    """The large-batch step through the objective's protocol: hooks once around one loss."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        emb = torch.cat([model(x[a:b]) for a, b in chunk_bounds(len(x), chunk_size)])
+        obj.before_loss(emb.detach(), y)
+        loss = obj(emb, y)
+        loss.backward()
+        obj.after_loss(emb.detach(), y)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("mode", ["exact", "chunk_loss"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_metric_objective_large_batch_gradient(name, dtype, mode):
+    model, ref = twins(dtype=dtype)
+    obj, ref_obj = objective(name, dtype), objective(name, dtype)
+    x, y = make_batch("mlp", 24, seed=15, dtype=dtype)
+    loss = run_plb(model, obj, x, y, chunk_size=8, mode=mode, seed=3)
+    want = objective_reference(ref, ref_obj, x, y, chunk_size=8, seed=3)
+    assert want.item() > 0
+    torch.testing.assert_close(loss, want, rtol=TOL[dtype], atol=0)
+    assert rel_err(grads(model), grads(ref)) <= TOL[dtype]
+    assert obj.step == ref_obj.step == 3
+    if name == "cbhem":  # the memory got all N embeddings, once
+        assert obj.last_stats["memory_share"] > 0
+        for got, want_mem in zip(obj.memory.get(), ref_obj.memory.get(), strict=True):
+            torch.testing.assert_close(got, want_mem, rtol=TOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_metric_objective_select(name):
+    model, ref = twins(dropout=0.0)
+    obj, ref_obj = objective(name, torch.float64), objective(name, torch.float64)
+    x, y = make_batch("mlp", 24, seed=16, dtype=torch.float64)
+    loss = run_plb(model, obj, x, y, chunk_size=8, mode="select")
+    ref_obj.before_loss(ref(x).detach(), y)
+    want, _ = select_reference(ref, ref_obj, x, y)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    assert rel_err(grads(model), grads(ref)) <= 1e-10
 
 
 # -- interfaces: hooks, loss parameters, tuple outputs, RNG, bad input ------------------------
