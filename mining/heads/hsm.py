@@ -68,7 +68,6 @@ class HSM(CosineHead):
         self.delta = check_range("delta", delta, 0.0, 2.0)
         self.m_p = check_range("m_p", m_p, 0.0, 2.0)
         self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.int64))
-        self.register_buffer("class_margins", torch.zeros(num_classes), persistent=False)
         if class_counts is not None:
             self.set_class_counts(class_counts)
 
@@ -85,7 +84,6 @@ class HSM(CosineHead):
         if (counts < 0).any():
             raise ValueError("class_counts must be >= 0")
         self.class_counts.copy_(counts.to(torch.int64))
-        self._refresh_margins()
 
     def count_labels(self, labels: Tensor) -> None:
         """Add the occurrences of each class in ``labels`` (any shape, int64 in [0, C))."""
@@ -97,22 +95,18 @@ class HSM(CosineHead):
         self.class_counts += torch.bincount(labels, minlength=self.num_classes).to(
             self.class_counts.device
         )
-        self._refresh_margins()
 
-    def _refresh_margins(self) -> None:
-        # m_max · (n_min / n_y)^(1/4) == m_max · n_y^(-1/4) / max_j n_j^(-1/4); 0 for n_y = 0.
-        n = self.class_counts.to(torch.float64)
-        seen = n > 0
-        if not seen.any():
-            self.class_margins.zero_()
-            return
-        n_min = n[seen].min()
-        margins = torch.where(seen, self.m_max * (n_min / n.clamp(min=1)) ** 0.25, 0.0)
-        self.class_margins.copy_(margins.to(self.class_margins.dtype))
+    def class_margins(self, labels: Tensor | None = None) -> Tensor:
+        """Real-class margins m_y (float64) of ``labels`` (B,), or of all classes (C,) if None.
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._refresh_margins()  # the margins are derived from the loaded counts
+        m_y = m_max · (n_min / n_y)^(1/4), which equals m_max · n_y^(−1/4) / max_j n_j^(−1/4)
+        with n_min the smallest non-zero count; 0 for classes never counted. Computed from the
+        counts on each call (cheap: one reduction over C), so nothing derived can go stale.
+        """
+        counts = self.class_counts.to(torch.float64)
+        n_min = counts.masked_fill(counts == 0, torch.inf).min()
+        n = counts if labels is None else counts[labels]
+        return torch.where(n > 0, self.m_max * (n_min / n.clamp(min=1)) ** 0.25, 0.0)
 
     @torch.no_grad()
     def saturated(self, cos: Tensor, labels: Tensor) -> Tensor:
@@ -129,7 +123,7 @@ class HSM(CosineHead):
                 "HSM needs the class counts of every batch label: pass class_counts=... "
                 "or call set_class_counts(...) / count_labels(...) first"
             )
-        m_y = self.class_margins[labels].to(cos.dtype)
+        m_y = self.class_margins(labels).to(cos.dtype)
         real = replace_target(cos, labels, target_cosine(cos, labels) - m_y)
         if self.pseudo == "none":
             return real
@@ -138,7 +132,8 @@ class HSM(CosineHead):
             harder = saturated[:, None] & non_target_mask(real, labels)
             return torch.where(harder, real + self.m_p, real)
         masked = torch.finfo(real.dtype).min / self.s  # × s in forward -> finfo.min, finite
-        virtual = torch.where(saturated, 1.0 - self.m_p, masked).to(real.dtype)
+        virtual = torch.full_like(saturated, masked, dtype=real.dtype)
+        virtual = virtual.masked_fill(saturated, 1.0 - self.m_p)
         return torch.cat([real, virtual[:, None]], dim=1)
 
     def extra_repr(self) -> str:

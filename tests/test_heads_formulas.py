@@ -1,0 +1,179 @@
+"""Head logits vs the scalar float64 references of tests/test_heads_reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from mining.heads import HEADS
+from mining.heads.unpg import negative_pair_cosines, tukey_kept
+from tests.test_heads_reference import (
+    assert_logits_match,
+    make_batch,
+    negative_pairs_reference,
+    npcface_row,
+    ref_cosines,
+    ref_logits,
+    tukey_reference,
+)
+
+seeds = st.integers(0, 2**31 - 1)
+sizes = st.tuples(st.integers(1, 6), st.integers(2, 7), st.integers(2, 5))  # B, C, d
+
+
+def build(name, weight, **params):
+    head = HEADS[name](weight.shape[1], weight.shape[0], **params).double()
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head
+
+
+@pytest.mark.parametrize("name", ["cosine", "cosface", "arcface", "arcface_nograd", "npcface"])
+@given(seed=seeds, size=sizes, s=st.sampled_from([1.0, 30.0, 64.0]))
+def test_margin_head_matches_reference(name, seed, size, s):
+    emb, weight, labels = make_batch(seed, *size)
+    head = build(name, weight, s=s)
+    assert_logits_match(head(emb, labels), ref_logits(name, emb, weight, labels, s=s))
+
+
+@given(seed=seeds, size=sizes, m=st.sampled_from([0.1, 0.5, 1.2]))
+def test_arcface_fallback_region(seed, size, m):
+    # row 0 lies beyond π − m (fallback), row 1 well inside: both branches in every example
+    emb, weight, labels = make_batch(seed, max(size[0], 2), *size[1:], target_cos=[-0.999, 0.4])
+    assert ref_cosines(emb[:1], weight[labels[:1]])[0][0] <= math.cos(math.pi - m)
+    for name in ("arcface", "arcface_nograd"):
+        head = build(name, weight, m=m)
+        assert_logits_match(head(emb, labels), ref_logits(name, emb, weight, labels, m=m))
+
+
+@given(seed=seeds, size=sizes)
+def test_npcface_rows_with_and_without_hard_negatives(seed, size):
+    # row 0: target nearly aligned (hard negatives unlikely); row 1: target far (hard likely)
+    emb, weight, labels = make_batch(seed, max(size[0], 2), *size[1:], target_cos=[0.999, -0.5])
+    cos = ref_cosines(emb, weight)
+    rows = [npcface_row(cos[i], int(labels[i]), 0.5, 0.4, 0.2, 1.1, 0.2) for i in range(2)]
+    assume(rows[0][2] == 0 and rows[1][2] > 0)
+    head = build("npcface", weight)
+    hard, m_prime = head.hard_negatives(head.cosine(emb), labels)
+    assert m_prime[0] == 0.4  # m' = m0 exactly when there is no hard negative
+    np.testing.assert_allclose(m_prime[:2].numpy(), [r[1] for r in rows], rtol=1e-12)
+    assert hard[:2].sum(1).tolist() == [r[2] for r in rows]
+    assert_logits_match(head(emb, labels), ref_logits("npcface", emb, weight, labels))
+
+
+@given(seed=seeds, size=sizes)
+def test_npcface_sample_margin_range(seed, size):
+    emb, weight, labels = make_batch(seed, *size)
+    head = build("npcface", weight, m0=0.3, m1=0.25)
+    _, m_prime = head.hard_negatives(head.cosine(emb), labels)
+    assert ((m_prime >= 0.3 - 0.25) & (m_prime <= 0.3 + 0.25)).all()
+
+
+@pytest.mark.parametrize("name", ["cosface", "arcface", "arcface_nograd", "npcface", "hsm"])
+@given(seed=seeds, size=sizes, threshold=st.sampled_from([-0.2, 0.2, 0.4]))
+def test_interclass_filter_matches_reference(name, seed, size, threshold):
+    emb, weight, labels = make_batch(seed, *size)
+    extra = {"class_counts": list(range(1, size[1] + 1))} if name == "hsm" else {}
+    head = build(name, weight, interclass_filter=threshold, **extra)
+    expected = ref_logits(name, emb, weight, labels, interclass_filter=threshold, **extra)
+    assert_logits_match(head(emb, labels), expected)
+
+
+@pytest.mark.parametrize("pseudo", ["false_class", "virtual_class", "none"])
+@pytest.mark.parametrize("saturation", ["prob", "gap"])
+@given(seed=seeds, size=sizes, data=st.data())
+def test_hsm_matches_reference(pseudo, saturation, seed, size, data):
+    emb, weight, labels = make_batch(seed, *size)
+    counts = data.draw(st.lists(st.integers(1, 50), min_size=size[1], max_size=size[1]))
+    params = {
+        "pseudo": pseudo,
+        "saturation": saturation,
+        "tau": data.draw(st.sampled_from([0.5, 0.9])),
+        "delta": data.draw(st.sampled_from([0.1, 0.3])),
+        "m_p": data.draw(st.sampled_from([0.0, 0.2, 0.5])),
+        "m_max": data.draw(st.sampled_from([0.2, 0.5])),
+        "s": data.draw(st.sampled_from([8.0, 64.0])),
+    }
+    head = build("hsm", weight, class_counts=counts, **params)
+    expected = ref_logits("hsm", emb, weight, labels, class_counts=counts, **params)
+    assert_logits_match(head(emb, labels), expected)
+
+
+def test_hsm_saturation_covers_both_outcomes():
+    # guards test_hsm_matches_reference against a saturation test that is never (or always) on
+    emb, weight, labels = make_batch(0, 64, 5, 4, target_cos=[0.97] * 32)
+    for saturation in ("prob", "gap"):
+        head = build(
+            "hsm", weight, saturation=saturation, pseudo="none", class_counts=[1, 2, 3, 4, 5]
+        )
+        sat = head.saturated(head.margin(head.cosine(emb), labels), labels)
+        assert 0 < int(sat.sum()) < 64
+
+
+@given(
+    seed=seeds,
+    n=st.integers(0, 60),
+    k=st.sampled_from([0.0, 0.5, 1.5, 3.0]),
+    ties=st.booleans(),
+)
+def test_tukey_fences_vs_quantile_by_index_reference(seed, n, k, ties):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, generator=gen, dtype=torch.float64)
+    values[: n // 8] *= 20  # a few outliers, so that the fences have something to remove
+    if ties:
+        values = values.round(decimals=0)
+    np.testing.assert_array_equal(tukey_kept(values, k).numpy(), tukey_reference(values, k))
+
+
+@given(seed=seeds, batch=st.integers(1, 8), classes=st.integers(1, 4))
+def test_negative_pair_cosines_vs_loops(seed, batch, classes):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, 3, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    np.testing.assert_allclose(
+        negative_pair_cosines(emb, labels).numpy(),
+        negative_pairs_reference(emb, labels),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("base", ["cosine", "cosface", "arcface", "npcface"])
+@given(seed=seeds, size=sizes, k=st.sampled_from([0.5, 1.5]))
+def test_unpg_matches_reference(base, seed, size, k):
+    emb, weight, labels = make_batch(seed, *size)
+    head = HEADS["unpg"](size[2], size[1], base=base, k=k, s=30.0).double()
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    kept = tukey_reference(negative_pairs_reference(emb, labels.tolist()), k)
+    expected = [
+        row + [30.0 * x for x in kept] for row in ref_logits(base, emb, weight, labels, s=30.0)
+    ]
+    assert_logits_match(head(emb, labels), expected)
+
+
+@pytest.mark.parametrize("base", ["arcface", "hsm"])
+@given(seed=seeds, size=sizes)
+def test_unpg_without_negative_pairs_equals_base(base, seed, size):
+    emb, weight, _ = make_batch(seed, *size)
+    labels = torch.full((size[0],), size[1] - 1)  # one identity: no pair with different labels
+    extra = {"class_counts": [1] * size[1]} if base == "hsm" else {}
+    wrapped = HEADS["unpg"](size[2], size[1], base=base, **extra).double()
+    plain = build(base, weight, **extra)
+    with torch.no_grad():
+        wrapped.weight.copy_(weight)
+    assert torch.equal(wrapped(emb, labels), plain(emb, labels))
+
+
+@pytest.mark.parametrize("name", ["cosface", "arcface"])
+@given(seed=seeds, size=sizes)
+def test_margin_never_raises_the_target_logit(name, seed, size):
+    emb, weight, labels = make_batch(seed, *size)
+    plain, margin = build("cosine", weight), build(name, weight)
+    rows = torch.arange(size[0])
+    assert (margin(emb, labels)[rows, labels] <= plain(emb, labels)[rows, labels]).all()
