@@ -306,7 +306,7 @@ def all_cases() -> list[Case]:
             "ivs_eval",
             "similarity_gemm",
             _build_ivs_eval,
-            {"default": {"identities": 2048, "dim": 128}, "tiny": {"identities": 128, "dim": 16}},
+            {"default": {"identities": 1024, "dim": 128}, "tiny": {"identities": 128, "dim": 16}},
         )
     )
     return cases
