@@ -118,7 +118,7 @@ def validate(suite: Path = SUITE_ARG) -> None:
     Example: `hembench validate suites/ivs_ablation.toml`
     """
     s = _load(suite)
-    console.print(f"{suite}: ok ({len(s.trials)} trials)")
+    typer.echo(f"{suite}: ok ({len(s.trials)} trials)")
 
 
 @app.command()

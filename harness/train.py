@@ -22,32 +22,23 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from harness.data import PairBatchSampler
 from harness.measure import StepTimer
 
 PROBE_SIZE = 64
 
 
-def pair_index(labels: torch.Tensor) -> torch.Tensor:
-    """(num_identities, 2) sample indices: the two photos of each identity, in label order.
-
-    IvS data has exactly two samples per identity; anything else is a data error.
-    """
-    order = torch.argsort(labels, stable=True)
-    if labels.numel() % 2 or not torch.equal(labels[order][0::2], labels[order][1::2]):
-        raise ValueError("IvS training data must hold exactly two samples per identity")
-    return order.view(-1, 2)
-
-
-def draw_batch(pairs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices of a batch of `n` samples: n/2 distinct identities, both photos, pairs adjacent."""
-    ids = torch.randperm(pairs.shape[0], generator=gen)[: n // 2]
-    return pairs[ids].reshape(-1)
+def endless_batches(labels: torch.Tensor, n: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of `n` samples (n/2 identities × 2 photos), epoch after epoch."""
+    sampler = PairBatchSampler(labels, n, gen, k=2)
+    while True:
+        yield from sampler
 
 
 class Injector:
@@ -90,17 +81,14 @@ def train(
 
     m, tr = cfg["method"], cfg["train"]
     n = m["virtual_batch"] or tr["batch"]
-    gen = torch.Generator().manual_seed(cfg["seed"])
     x_all, y_all = data.train.x, data.train.labels
-    pairs = pair_index(y_all)
-    if 2 * pairs.shape[0] < n:
-        raise ValueError(f"virtual batch {n} exceeds the {2 * pairs.shape[0]} training samples")
+    batches = endless_batches(y_all, n, torch.Generator().manual_seed(cfg["seed"]))
     step_fn, params = _make_step(cfg, model, data.num_classes, device)
     opt = torch.optim.SGD(
         params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"]
     )
 
-    probe_x = x_all[pairs[: PROBE_SIZE // 2].reshape(-1)].to(device)
+    probe_x = x_all[:PROBE_SIZE].to(device)  # fixed: the first training samples
     lag = max(1, math.ceil(m["memory"] / n / tr["log_every"]))
     probes: deque[torch.Tensor] = deque(maxlen=lag + 1)
 
@@ -113,7 +101,7 @@ def train(
     for step in range(tr["steps"]):
         deadline_check()
         injector.before_step(step)
-        idx = draw_batch(pairs, n, gen)
+        idx = next(batches)
         x, y = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
         with timer.step():
             opt.zero_grad(set_to_none=True)

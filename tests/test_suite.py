@@ -1,0 +1,272 @@
+"""Suite schema, validation messages, grid expansion and trial ids (harness/suite.py)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.suite import SuiteError, parse_suite, trial_id
+
+SUITES = Path(__file__).resolve().parent.parent / "suites"
+runner = CliRunner()
+
+BASE: dict = {
+    "suite": {"name": "t", "seeds": [0]},
+    "data": {"kind": "synthetic_ivs", "identities": 64, "test_identities": 32, "dim": 8},
+    "model": {"kind": "mlp", "embedding": 8},
+    "train": {"steps": 3, "batch": 8, "lr": 0.1, "device": "cpu"},
+    "baseline": {"miner": "batch_hard", "loss": "triplet", "margin": 0.2},
+    "eval": {"far": [0.1]},
+}
+
+
+def to_toml(doc: dict) -> str:
+    """Minimal TOML writer for test documents (tables of scalars, lists, inline tables)."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    lines = []
+    for section, body in doc.items():
+        blocks = body if isinstance(body, list) else [body]
+        for block in blocks:
+            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            lines += [f"{json.dumps(k)} = {value(v)}" for k, v in block.items()]
+    return "\n".join(lines) + "\n"
+
+
+def suite_of(**changes) -> dict:
+    doc = copy.deepcopy(BASE)
+    for section, body in changes.items():
+        doc[section] = body
+    return doc
+
+
+# --- shipped suites --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "count"), [("smoke", 5), ("ivs_ablation", 36), ("heads", 24), ("plb_memory", 10)]
+)
+def test_shipped_suites_validate(name, count):
+    s = parse_suite((SUITES / f"{name}.toml").read_text(), path=name)
+    assert s.name == name
+    assert len(s.trials) == count
+    assert len({trial_id(t) for t in s.trials}) == count
+
+
+def test_smoke_covers_required_paths():
+    s = parse_suite((SUITES / "smoke.toml").read_text())
+    methods = {(t.method.memory, t.method.plb, t.method.head) for t in s.trials}
+    assert (0, "off", None) in methods  # in-batch
+    assert len({m for m, plb, h in methods if m > 0}) == 2  # CB-HEM, two sizes
+    assert any(plb == "exact" for _, plb, _ in methods)
+    assert any(h is not None for *_, h in methods)
+    assert all(t.train.device == "cpu" for t in s.trials)
+
+
+# --- grid expansion and ids --------------------------------------------------------------------
+
+
+@given(
+    memories=st.lists(st.sampled_from([0, 8, 16, 24]), min_size=1, max_size=4),
+    margins=st.lists(st.sampled_from([0.1, 0.2, 0.3]), min_size=1, max_size=3),
+    seeds=st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True),
+    repeat_block=st.booleans(),
+)
+def test_grid_is_deduplicated_cartesian_product(memories, margins, seeds, repeat_block):
+    block = {"memory": memories, "margin": margins}
+    sweep = [block, block] if repeat_block else [block]
+    s = parse_suite(to_toml(suite_of(suite={"name": "g", "seeds": seeds}, sweep=sweep)))
+    # brute force: baseline first, then the product; duplicates dropped, first occurrence kept
+    combos = [(0, 0.2), *itertools.product(memories, margins)]
+    expected = []
+    for mem, margin in combos:
+        for seed in seeds:
+            if (mem, margin, seed) not in expected:
+                expected.append((mem, margin, seed))
+    got = [(t.method.memory, t.method.margin, t.seed) for t in s.trials]
+    assert got == expected
+
+
+def test_trial_ids_stable_and_sensitive():
+    text = to_toml(suite_of(sweep=[{"memory": [0, 16]}]))
+    a = [trial_id(t) for t in parse_suite(text).trials]
+    assert a == [trial_id(t) for t in parse_suite(text).trials]
+    # reordering keys inside a table does not change the resolved config
+    doc = suite_of(sweep=[{"memory": [0, 16]}])
+    doc["train"] = dict(reversed(list(doc["train"].items())))
+    assert a == [trial_id(t) for t in parse_suite(to_toml(doc)).trials]
+    # a different seed or lr gives different ids
+    other = suite_of(suite={"name": "t", "seeds": [1]}, sweep=[{"memory": [0, 16]}])
+    assert set(a).isdisjoint(trial_id(t) for t in parse_suite(to_toml(other)).trials)
+
+
+def test_section_keys_can_be_swept():
+    s = parse_suite(to_toml(suite_of(sweep=[{"train": {"lr": [0.1, 0.01]}}])))
+    assert sorted({t.train.lr for t in s.trials}) == [0.01, 0.1]
+
+
+# --- malformed suites --------------------------------------------------------------------------
+
+# (mutation of BASE, a key path that the message must name)
+MALFORMED = [
+    ({"suite": {"name": "../evil", "seeds": [0]}}, "suite.name"),
+    ({"suite": {"name": "/abs/path", "seeds": [0]}}, "suite.name"),
+    ({"suite": {"name": "Upper", "seeds": [0]}}, "suite.name"),
+    ({"suite": {"name": "t", "seeds": []}}, "suite.seeds"),
+    ({"suite": {"name": "t", "seeds": [0, 0]}}, "suite.seeds"),
+    ({"train": {**BASE["train"], "batch": 7}}, "train.batch"),
+    ({"train": {**BASE["train"], "steps": 0}}, "train.steps"),
+    ({"train": {**BASE["train"], "steps": "ten"}}, "train.steps"),
+    ({"train": {**BASE["train"], "device": "tpu"}}, "train.device"),
+    ({"train": {**BASE["train"], "lr": -1.0}}, "train.lr"),
+    ({"eval": {"far": [1.5]}}, "eval.far"),
+    ({"baseline": {**BASE["baseline"], "miner": "nope"}}, "baseline.miner"),
+    ({"baseline": {**BASE["baseline"], "loss": "nope"}}, "baseline.loss"),
+    ({"baseline": {**BASE["baseline"], "plb": "fast"}}, "baseline.plb"),
+    ({"baseline": {**BASE["baseline"], "memory": -8}}, "baseline.memory"),
+    ({"baseline": {**BASE["baseline"], "virtual_batch": 12, "plb": "exact"}}, "virtual_batch"),
+    ({"baseline": {**BASE["baseline"], "virtual_batch": 16}}, "plb='off'"),
+    ({"baseline": {**BASE["baseline"], "head": "cosface", "memory": 16}}, "memory"),
+    ({"baseline": {**BASE["baseline"], "objective_params": {"k": 3}}}, "objective"),
+    ({"data": {"kind": "nope"}}, "data.kind"),
+    ({"model": {"kind": "nope", "embedding": 8}}, "model.kind"),
+    ({"debug": {"inject": "segfault"}}, "debug.inject"),
+    ({"sweep": [{"memry": [1]}]}, "sweep[0].memry"),
+    ({"sweep": [{"memory": 16}]}, "sweep[0].memory"),
+    ({"sweep": [{"memory": []}]}, "sweep[0].memory"),
+    ({"sweep": [{"memory": [0, -1]}]}, "sweep[0].memory"),
+    ({"sweep": [{"plb": ["exact"], "virtual_batch": [8, 12]}]}, "sweep[0]"),
+    ({"sweep": [{"gpu": {"x": [1]}}]}, "sweep[0].gpu"),
+]
+
+
+@pytest.mark.parametrize(("change", "key"), MALFORMED, ids=[k for _, k in MALFORMED])
+def test_malformed_suite_message_names_key(change, key):
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(suite_of(**change)), path="bad.toml")
+    assert all(p.startswith("bad.toml: ") for p in info.value.problems)
+    assert any(key in p for p in info.value.problems), info.value.problems
+
+
+_SECTIONS = ["suite", "data", "model", "train", "baseline", "eval"]
+_KNOWN = {s: set(BASE[s]) for s in _SECTIONS}
+
+
+@given(
+    section=st.sampled_from([*_SECTIONS, None]),
+    key=st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True),
+    val=st.one_of(st.integers(-3, 3), st.text(max_size=4), st.booleans()),
+)
+def test_unknown_keys_rejected_with_path(section, key, val):
+    """Any unknown key, in any strict section or at the top level, is one named problem."""
+    doc = copy.deepcopy(BASE)
+    if section in ("data", "model"):  # open tables (params of the data/model builders)
+        section = "train"
+    if section is None:
+        if key in ("suite", "data", "model", "train", "baseline", "sweep", "eval", "debug"):
+            return
+        doc[key] = {"x": val}
+        path = key
+    else:
+        from harness.suite import MethodCfg, SuiteMeta, TrainCfg
+
+        fields = {"suite": SuiteMeta, "train": TrainCfg, "baseline": MethodCfg}.get(section)
+        known = set(fields.model_fields) if fields else {"far"}
+        if key in known:
+            return
+        doc[section][key] = val
+        path = f"{section}.{key}"
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc), path="x.toml")
+    assert any(p.startswith(f"x.toml: {path}: unknown key") for p in info.value.problems)
+
+
+@given(
+    key=st.sampled_from(["steps", "batch", "lr", "momentum", "warmup_steps", "log_every"]),
+    val=st.one_of(
+        st.integers(-(10**6), 0),
+        st.text(max_size=3),
+        st.booleans(),
+        st.lists(st.integers(), max_size=2),
+    ),
+)
+def test_bad_train_values_rejected(key, val):
+    if (
+        key in ("momentum", "warmup_steps")
+        and isinstance(val, int)
+        and not isinstance(val, bool)
+        and val == 0
+    ):
+        return  # 0 is a valid momentum / warm-up
+    doc = suite_of(train={**BASE["train"], key: val})
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc))
+    assert any(f"train.{key}:" in p for p in info.value.problems)
+
+
+def test_several_problems_reported_at_once():
+    doc = suite_of(train={**BASE["train"], "steps": 0, "batch": 7, "zzz": 1})
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc))
+    text = "\n".join(info.value.problems)
+    assert "train.steps" in text and "train.batch" in text and "train.zzz" in text
+
+
+def test_invalid_toml_is_a_suite_error():
+    with pytest.raises(SuiteError, match="invalid TOML"):
+        parse_suite("[suite\nname=")
+
+
+# --- CLI: validate / plan / run on bad input ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "key"), MALFORMED[:3] + MALFORMED[-5:], ids=str)
+def test_cli_bad_suite_exit_2_nothing_written(tmp_path, change, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(to_toml(suite_of(**change)))
+    results = tmp_path / "results"
+    for cmd in (
+        ["validate", str(path)],
+        ["plan", str(path)],
+        ["run", str(path), "--results-dir", str(results)],
+    ):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, (cmd, r.output)
+        assert "Traceback" not in r.output
+        assert key in r.output
+    assert not results.exists()
+
+
+def test_cli_plan_and_validate_ok(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(to_toml(suite_of(sweep=[{"memory": [0, 16]}])))
+    r = runner.invoke(app, ["validate", str(path)])
+    assert r.exit_code == 0 and "2 trials" in r.output
+    r = runner.invoke(app, ["plan", str(path)])
+    assert r.exit_code == 0, r.output
+    s = parse_suite(path.read_text())
+    for t in s.trials:
+        assert trial_id(t) in r.output
+
+
+def test_cli_missing_file_exit_2(tmp_path):
+    r = runner.invoke(app, ["validate", str(tmp_path / "none.toml")])
+    assert r.exit_code == 2 and "cannot read" in r.output
