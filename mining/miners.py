@@ -48,6 +48,7 @@ class Candidates:
     memory_labels: Tensor
     use_batch: bool = True
     chunk: int | None = None
+    memory_mask: Tensor | None = None
 
     @staticmethod
     def in_batch(batch: Tensor, labels: Tensor) -> Candidates:
@@ -59,18 +60,18 @@ class Candidates:
         return self.batch.shape[0]
 
     def _sources(self, batch_rows: Tensor | None):
-        """(embeddings, labels, index offset, row map) of each candidate block."""
+        """(embeddings, labels, mask, index offset, row map) of each candidate block."""
         if self.use_batch:
             rows = batch_rows
             emb = self.batch if rows is None else self.batch[rows]
             lab = self.batch_labels if rows is None else self.batch_labels[rows]
-            yield emb, lab, 0, rows
-        yield self.memory, self.memory_labels, self.num_batch, None
+            yield emb, lab, None, 0, rows
+        yield self.memory, self.memory_labels, self.memory_mask, self.num_batch, None
 
     def _merged(self, search, batch_rows: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         best_s = best_i = None
-        for emb, lab, offset, rows in self._sources(batch_rows):
-            s, i = search(emb, lab)
+        for emb, lab, mask, offset, rows in self._sources(batch_rows):
+            s, i = search(emb, lab, mask)
             mapped = i if rows is None or rows.numel() == 0 else rows[i.clamp(min=0)]
             i = torch.where(i >= 0, mapped + offset, i)
             if best_s is None:
@@ -90,16 +91,20 @@ class Candidates:
     ) -> tuple[Tensor, Tensor]:
         """:func:`hardest_negatives` over batch (rows ``batch_rows`` only, if given) ∪ memory."""
 
-        def search(emb, lab):
-            return hardest_negatives(anchors, labels, emb, lab, k, chunk=self.chunk, below=below)
+        def search(emb, lab, mask):
+            return hardest_negatives(
+                anchors, labels, emb, lab, k, chunk=self.chunk, below=below, cand_mask=mask
+            )
 
         return self._merged(search, batch_rows, k)
 
     def random(self, labels: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """:func:`random_negatives` over batch ∪ memory, uniform over the union."""
 
-        def search(emb, lab):
-            return random_negatives(labels, lab, k, generator=generator, chunk=self.chunk)
+        def search(emb, lab, mask):
+            return random_negatives(
+                labels, lab, k, generator=generator, chunk=self.chunk, cand_mask=mask
+            )
 
         return self._merged(search, None, k)
 
@@ -111,13 +116,15 @@ class Candidates:
         """
         found_a = [labels.new_zeros(0)]
         found_n = [labels.new_zeros(0)]
-        for emb, lab, offset, _ in self._sources(None):
+        for emb, lab, mask, offset, _ in self._sources(None):
             chunk = self.chunk or default_chunk(anchors.shape[0], emb.shape[0])
             for start in range(0, emb.shape[0], chunk):
                 block = emb[start : start + chunk].to(anchors.dtype)
                 hit = (anchors @ block.T > lower[:, None]) & (
                     labels[:, None] != lab[None, start : start + chunk]
                 )
+                if mask is not None:
+                    hit &= mask[None, start : start + chunk]
                 a, n = hit.nonzero(as_tuple=True)
                 found_a.append(a)
                 found_n.append(n + (start + offset))

@@ -69,11 +69,13 @@ def _scan_topk(
     exclude_self: Tensor | None,
     chunk: int,
     below: Tensor | None,
+    cand_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Running top-k of ``score(start, stop) (B, stop-start)`` over admissible candidates.
 
     A candidate j is admissible for anchor i when its label differs from every label in
-    ``anchor_labels[i]`` (shape (B, L)), ``j != exclude_self[i]`` and ``score < below[i]``.
+    ``anchor_labels[i]`` (shape (B, L)), ``j != exclude_self[i]``, ``score < below[i]`` and
+    ``cand_mask[j]`` (if given).
     """
     num_anchors, num_cands = anchor_labels.shape[0], cand_labels.shape[0]
     device = anchor_labels.device
@@ -86,6 +88,8 @@ def _scan_topk(
         same = anchor_labels[:, :1] == cand_labels[None, start:stop]
         for extra in range(1, anchor_labels.shape[1]):
             same |= anchor_labels[:, extra : extra + 1] == cand_labels[None, start:stop]
+        if cand_mask is not None:
+            same |= ~cand_mask[None, start:stop]
         s = s.masked_fill(same, float("-inf"))
         if below is not None:
             s = s.masked_fill(s >= below[:, None], float("-inf"))
@@ -123,6 +127,7 @@ def hardest_negatives(
     chunk: int | None = None,
     *,
     below: Tensor | None = None,
+    cand_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per anchor, the ``k`` candidates of another identity with the largest ``anchor · cand``.
 
@@ -138,6 +143,8 @@ def hardest_negatives(
             (-1 = none), for an anchor that is itself a candidate under another label.
         chunk: candidates per GEMM; default :func:`default_chunk`.
         below: optional ``(B,)`` strict upper bound on the similarity (semi-hard mining).
+        cand_mask: optional ``(M,)`` bool; candidates marked False are never returned (e.g.
+            memory rows that are stale copies of the current batch).
 
     Returns:
         ``(sims (B, k), idx (B, k) int64)``, most similar first; ``-inf`` / ``-1`` where fewer
@@ -156,7 +163,7 @@ def hardest_negatives(
     def score(start: int, stop: int) -> Tensor:
         return anchors @ cands[start:stop].to(anchors.dtype).T
 
-    return _scan_topk(score, labels2d, cand_labels, k, exclude_self, chunk, below)
+    return _scan_topk(score, labels2d, cand_labels, k, exclude_self, chunk, below, cand_mask)
 
 
 def random_negatives(
@@ -166,6 +173,7 @@ def random_negatives(
     *,
     generator: torch.Generator | None = None,
     chunk: int | None = None,
+    cand_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(keys (B, k), idx (B, k))``: candidates drawn uniformly without replacement among those
     whose label differs from the anchor's (``-inf`` / -1 where fewer than ``k`` exist).
@@ -184,4 +192,4 @@ def random_negatives(
         keys = torch.rand(num_anchors, stop - start, generator=generator, device=device)
         return keys.to(anchor_labels.device)
 
-    return _scan_topk(score, labels2d, cand_labels, k, None, chunk, None)
+    return _scan_topk(score, labels2d, cand_labels, k, None, chunk, None, cand_mask)

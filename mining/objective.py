@@ -162,19 +162,27 @@ class MetricObjective:
             )
         f = F.normalize(emb, dim=1)
         num_batch = f.shape[0]
+        mem_mask = None
         if self.memory_active():
             mem, mem_labels, mem_ages = self.memory.get(ordered=False)
+            if self.enqueue == "before":
+                # Rows of age 0 are stale copies of this very batch: never mine them (they would
+                # duplicate in-batch candidates without their gradient).
+                mem_mask = mem_ages > 0
         else:
             mem = f.new_zeros(0, f.shape[1])
             mem_labels = labels.new_zeros(0)
             mem_ages = labels.new_zeros(0)
+        minable = mem.shape[0] if mem_mask is None else int(mem_mask.sum())
         cands = Candidates(
             f.detach(),
             labels,
             mem,
             mem_labels,
-            use_batch=self.in_batch or mem.shape[0] == 0,
+            # Without minable memory rows (warm-up, or only stale copies) mine in-batch.
+            use_batch=self.in_batch or minable == 0,
             chunk=self.chunk,
+            memory_mask=mem_mask,
         )
         if self.miner_name == "random":
             self.miner.seed = self.seed * 1_000_003 + self.step  # same draw on every call of a step
@@ -182,7 +190,7 @@ class MetricObjective:
         a, p, n = (mined.anchor, mined.positive, mined.negative) if mined else (labels[:0],) * 3
 
         n2 = None
-        if self.loss.needs_second_negative and a.numel():
+        if self.loss.needs_second_negative:
             anchors_n1 = cands.rows(n)
             excluded = torch.stack([cands.labels_of(n), labels[a]], dim=1)
             n2 = cands.hardest(anchors_n1, excluded, 1)[1][:, 0]
