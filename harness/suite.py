@@ -200,6 +200,7 @@ class TrainCfg(_Strict):
     warmup_steps: int = Field(default=2, ge=0, description="steps excluded from throughput")
     log_every: int = Field(default=1, ge=1, description="curve row every N steps")
     nvml_interval_s: float = Field(default=0.05, gt=0, le=10)
+    threads: int = Field(default=0, ge=0, le=1024, description="CPU threads (0 = torch default)")
 
     @field_validator("batch")
     @classmethod

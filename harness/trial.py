@@ -213,14 +213,30 @@ def run_trial(
     per-step curves. Raises on failure (see `classify` for how errors map to statuses).
     Deterministic on CPU for a given config (seeded data, init and batch order).
     """
-    from harness.data import build_data
-    from harness.metrics import ivs_verification
-    from harness.models import build_model
-    from harness.train import train
 
     def deadline_check() -> None:
         if deadline is not None and time.monotonic() > deadline:
             raise TrialTimeout("trial ran past its deadline")
+
+    threads = config["train"]["threads"]
+    previous_threads = torch.get_num_threads()
+    if threads:  # e.g. 1 for tiny CPU models: OpenMP spin-waits thrash a loaded machine
+        torch.set_num_threads(threads)
+    try:
+        return _run(config, progress, deadline_check)
+    finally:
+        torch.set_num_threads(previous_threads)  # in-process runs share the caller's setting
+
+
+def _run(
+    config: dict[str, Any],
+    progress: Callable[[dict[str, Any]], None] | None,
+    deadline_check: Callable[[], None],
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    from harness.data import build_data
+    from harness.metrics import ivs_verification
+    from harness.models import build_model
+    from harness.train import train
 
     device = resolve_device(config["train"]["device"])
     torch.manual_seed(config["seed"])
