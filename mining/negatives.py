@@ -88,11 +88,14 @@ def _scan_topk(
         same = anchor_labels[:, :1] == cand_labels[None, start:stop]
         for extra in range(1, anchor_labels.shape[1]):
             same |= anchor_labels[:, extra : extra + 1] == cand_labels[None, start:stop]
+        s.masked_fill_(same, float("-inf"))  # s is this chunk's own buffer: fill in place
         if cand_mask is not None:
-            same |= ~cand_mask[None, start:stop]
-        s = s.masked_fill(same, float("-inf"))
+            # Masked-out columns are few (e.g. one batch of stale copies): touch only them.
+            dropped = ~cand_mask[start:stop]
+            if dropped.any():
+                s[:, dropped] = float("-inf")
         if below is not None:
-            s = s.masked_fill(s >= below[:, None], float("-inf"))
+            s.masked_fill_(s >= below[:, None], float("-inf"))
         if exclude_self is not None:
             local = exclude_self - start
             hit = (local >= 0) & (local < stop - start)
