@@ -122,7 +122,7 @@ class RunDir:
     @classmethod
     def create(cls, root: Path, suite: str, run_id: str | None = None) -> RunDir:
         """A new, empty run directory `root/suite/run_id` (fails if it exists)."""
-        run_id = check_run_id(run_id or new_run_id())
+        run_id = check_run_id(new_run_id() if run_id is None else run_id)
         path = check_inside(root, root / suite / run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -1,0 +1,107 @@
+"""Aggregation over seeds, pivots and output formats (harness/report.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import statistics
+
+import polars as pl
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
+
+from harness import report
+
+
+def frame(values: dict[tuple[int, int], list[float]], baseline=(0, 32)) -> pl.DataFrame:
+    rows = []
+    for (mem, vb), tars in values.items():
+        for seed, tar in enumerate(tars):
+            rows.append(
+                {
+                    "trial_id": f"{mem}-{vb}-{seed}",
+                    "trial_index": 0,
+                    "suite": "s",
+                    "seed": seed,
+                    "method": "batch_hard+triplet",
+                    "memory": mem,
+                    "virtual_batch": vb,
+                    "batch": 32,
+                    "is_baseline": (mem, vb) == baseline,
+                    "status": "ok",
+                    "tar@1e-1": tar,
+                    "tar@1e-3": tar / 2,
+                    "peak_alloc_mib": None,
+                    "peak_rss_mib": 100.0 + mem,
+                    "samples_per_s": 1000.0 - mem,
+                    "eer": 0.1,
+                    "auc": 0.9,
+                    "train_time_s": 1.0,
+                }
+            )
+    rows.append({**rows[0], "trial_id": "x", "status": "oom", "tar@1e-1": None, "tar@1e-3": None})
+    return pl.DataFrame(rows)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 5),
+    mems=st.lists(st.sampled_from([0, 64, 256]), min_size=1, max_size=3, unique=True),
+)
+def test_aggregate_matches_statistics_module(seed, n, mems):
+    import random
+
+    rnd = random.Random(seed)
+    vals = {(m, vb): [rnd.random() for _ in range(n)] for m in [0, *mems] for vb in (32, 64)}
+    agg = report.aggregate(frame(vals), far=1e-1)
+    base = statistics.fmean(vals[(0, 32)])
+    assert agg.height == len(vals)
+    for row in agg.iter_rows(named=True):
+        xs = vals[(row["memory"], row["virtual_batch"])]
+        assert row["n"] == n  # the oom trial is excluded
+        assert row["tar@1e-1_mean"] == pytest.approx(statistics.fmean(xs))
+        if n > 1:
+            ci = report.t975(n - 1) * statistics.stdev(xs) / math.sqrt(n)
+            assert row["tar@1e-1_ci95"] == pytest.approx(ci)
+        else:
+            assert row["tar@1e-1_ci95"] is None
+        assert row["tar@1e-1_delta"] == pytest.approx(statistics.fmean(xs) - base)
+        assert row["peak_mib_mean"] == pytest.approx(100.0 + row["memory"])  # RSS on CPU
+
+
+def test_pick_far():
+    f = frame({(0, 32): [0.5]})
+    assert report.pick_far(f, None) == "tar@1e-3"
+    assert report.pick_far(f, 0.1) == "tar@1e-1"
+    with pytest.raises(ValueError, match="not evaluated"):
+        report.pick_far(f, 1e-4)
+
+
+@pytest.mark.parametrize("fmt", report.FORMATS)
+def test_show_formats(fmt):
+    f = frame({(0, 32): [0.5, 0.7], (64, 32): [0.6, 0.8], (64, 64): [0.9, 0.9]})
+    buf = io.StringIO()
+    report.show(f, fmt, None, Console(file=buf, width=200))
+    out = buf.getvalue()
+    if fmt == "json":
+        rows = json.loads(out)
+        assert len(rows) == 3 and {"n", "tar@1e-3_mean", "tar@1e-3_delta"} <= set(rows[0])
+    elif fmt == "csv":
+        assert out.splitlines()[0].startswith("method,memory,virtual_batch")
+        assert len(out.splitlines()) == 4
+    else:
+        assert "N=32" in out and "N=64" in out and "oom: 1" in out
+        assert "0.300 ± " in out  # mean of tar@1e-3 at baseline (0.25 .. 0.35)
+        assert "(+0.050)" in out  # Δ of M=64, N=32 vs baseline
+
+
+def test_plot_writes_pngs(tmp_path):
+    f = frame({(0, 32): [0.5, 0.7], (64, 32): [0.6, 0.8], (64, 64): [0.9, 0.9]})
+    paths = report.plot(f, tmp_path, None)
+    assert sorted(p.name for p in paths) == sorted(
+        ["accuracy_vs_memory.png", "peak_memory_vs_virtual_batch.png", "throughput_vs_memory.png"]
+    )
+    assert all(p.stat().st_size > 1000 for p in paths)
