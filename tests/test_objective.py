@@ -36,7 +36,7 @@ def _reference_batch_hard(x, y, mem, mem_y, *, margin, weight, reduction, in_bat
         s_ap = min(pos, key=lambda t: float(t.detach()))
         s_an, w = max(negs, key=lambda t: float(t[0].detach()))  # max keeps the first (batch) on ties
         terms.append((torch.relu(s_an - s_ap + margin), w))
-    active = [t for t in terms if float(t[0]) > 0]
+    active = [t for t in terms if float(t[0].detach()) > 0]
     count = len(terms) if reduction == "mean_all" else len(active)
     if count == 0:
         return x.sum() * 0.0
