@@ -105,13 +105,14 @@ def batch_hard_triplet(
 
 
 def _mlp(din: int, hidden: int, dout: int, device: torch.device, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)  # parameter init only; the bench never draws data from global RNG
-    return torch.nn.Sequential(
-        torch.nn.Linear(din, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Dropout(0.1),
-        torch.nn.Linear(hidden, dout),
-    ).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(
+            torch.nn.Linear(din, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(hidden, dout),
+        ).to(device)
 
 
 def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
@@ -133,6 +134,7 @@ def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
 def _build_cbhem_mine(device: torch.device, p: dict[str, Any]) -> Pair:
     """hardest_negatives over batch ∪ memory (B + M candidates) vs the bare similarity GEMM."""
     import mining.negatives as negatives  # attribute looked up per call: monkeypatchable
+    from mining.memory import CrossBatchMemory
 
     g = torch.Generator().manual_seed(0)
     b, m, d = p["batch"], p["memory"], p["dim"]
@@ -146,17 +148,14 @@ def _build_cbhem_mine(device: torch.device, p: dict[str, Any]) -> Pair:
             anchors, labels, cands, cand_labels, k=1, exclude_self=exclude
         )
 
-    exact = {"buffer_bytes_analytic": float(m * d * 4 + m * 8 * 2)}  # fp32 emb + int64 labels/steps
-    try:
-        from mining.memory import CrossBatchMemory
-
-        buffer = CrossBatchMemory(m, d, dtype=torch.float32, device=device)
-        exact["buffer_bytes"] = float(
+    buffer = CrossBatchMemory(m, d, dtype=torch.float32, device=device)
+    exact = {
+        "buffer_bytes_analytic": float(m * d * 4 + m * 8 * 2),  # fp32 emb + int64 labels, steps
+        "buffer_bytes": float(
             sum(t.nbytes for t in buffer.state_dict().values() if torch.is_tensor(t))
-        )
-    except ImportError:
-        pass
-    exact.update(_cuda_peak(subject, device))
+        ),
+        **_cuda_peak(subject, device),
+    }
     return Pair(subject, lambda: similarity_gemm(anchors, cands), exact)
 
 

@@ -198,13 +198,14 @@ def test_kernel_slowed_2x_is_caught(tmp_path, monkeypatch, target):
         plb = pytest.importorskip("mining.plb")
         module, name, only = plb.PseudoLargeBatch, "__call__", "plb_exact"
     base = tmp_path / "base.json"
-    code, text = invoke(*FAST, "--only", only, "--save", base)
+    steady = [*FAST, "--repeat", "9", "--min-time", "0.03", "--only", only]  # later options win
+    code, text = invoke(*steady, "--save", base)
     assert code == 0, text
-    # tolerance 50 %: well above tiny-size noise, well below the +100 % of a 2x slowdown
-    code, text = invoke(*FAST, "--only", only, "--baseline", base, "--tolerance", "50")
+    # tolerance 50 %: above tiny-size noise, well below the +100 % of a 2x slowdown
+    code, text = invoke(*steady, "--baseline", base, "--tolerance", "50")
     assert code == 0, text
     monkeypatch.setattr(module, name, _slowed(getattr(module, name)))
-    code, text = invoke(*FAST, "--only", only, "--baseline", base, "--tolerance", "50")
+    code, text = invoke(*steady, "--baseline", base, "--tolerance", "50")
     assert code == 1, text
     assert "REGRESSED" in text and "regression(s)" in text
 
