@@ -177,3 +177,24 @@ def test_margin_never_raises_the_target_logit(name, seed, size):
     plain, margin = build("cosine", weight), build(name, weight)
     rows = torch.arange(size[0])
     assert (margin(emb, labels)[rows, labels] <= plain(emb, labels)[rows, labels]).all()
+
+
+def two_class_batch(a: float, b: float):
+    """One sample with cos = a to class 0 (its label) and cos = b to class 1, in float64."""
+    weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    emb = torch.tensor([[a, b, math.sqrt(1 - a * a - b * b)]], dtype=torch.float64)
+    return emb, weight, torch.tensor([0])
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_hsm_saturation_thresholds_are_exact(side):
+    # gap test: c'_y − c_1 = (0.8 − 0.5) − 0.1 = 0.2; saturated iff delta < 0.2
+    emb, weight, labels = two_class_batch(0.8, 0.1)
+    head = build("hsm", weight, pseudo="none", saturation="gap", delta=0.2 + side * 1e-9)
+    head.set_class_counts([1, 1])
+    assert bool(head.saturated(head.margin(head.cosine(emb), labels), labels)) == (side < 0)
+    # prob test: p_y = 1 / (1 + exp(s · (0.1 − 0.3))) with s = 8
+    p_y = 1 / (1 + math.exp(8 * (0.1 - 0.3)))
+    head = build("hsm", weight, pseudo="none", tau=p_y + side * 1e-9, s=8.0)
+    head.set_class_counts([1, 1])
+    assert bool(head.saturated(head.margin(head.cosine(emb), labels), labels)) == (side < 0)

@@ -58,11 +58,11 @@ def non_target_mask(cos: Tensor, labels: Tensor) -> Tensor:
 def interclass_filter(cos: Tensor, labels: Tensor, threshold: float) -> Tensor:
     """arcface_torch interclass filtering: non-target cosines above ``threshold`` become 0.
 
-    The mask is computed under no_grad, so the filtered entries get zero gradient (their class
-    centres are treated as probable label noise / duplicates, not pushed away). (B, C) -> (B, C).
+    The mask is a boolean constant (arcface_torch builds it under no_grad), so the filtered
+    entries get zero gradient: such class centres are treated as probable label noise or
+    duplicate identities, not pushed away. (B, C) -> (B, C).
     """
-    with torch.no_grad():
-        dirty = (cos > threshold) & non_target_mask(cos, labels)
+    dirty = (cos > threshold) & non_target_mask(cos, labels)
     return cos.masked_fill(dirty, 0.0)
 
 
