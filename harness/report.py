@@ -93,7 +93,9 @@ def metric_names(frame: pl.DataFrame, far: float | None) -> list[str]:
 
 
 def group_keys(frame: pl.DataFrame) -> list[str]:
-    extra = [c for c in _OPTIONAL_KEYS if c in frame.columns and frame[c].n_unique() > 1]
+    extra = [
+        c for c in _OPTIONAL_KEYS if c in frame.columns and frame[c].drop_nulls().n_unique() > 1
+    ]
     return [*AXES, *extra]
 
 
@@ -179,7 +181,8 @@ def show(frame: pl.DataFrame, fmt: str, far: float | None, console: Console) -> 
     titles = {"peak_mib": "peak MiB", "samples_per_s": "samples/s"}
     metrics = metric_names(frame, far)[:3]
     for m, header, rows in pivots(agg, metrics):
-        title = f"{titles.get(m, m.upper())} — mean ± 95% CI over seeds (Δ vs baseline)"
+        name = titles.get(m, m.replace("tar@", "TAR@"))
+        title = f"{name} — mean ± 95% CI over seeds (Δ vs baseline)"
         if fmt == "markdown":
             console.out(f"\n### {title}\n")
             console.out("| " + " | ".join(header) + " |")
@@ -264,7 +267,7 @@ def plot(frame: pl.DataFrame, out_dir: Path, far: float | None = None) -> list[P
             "memory",
             "virtual_batch",
             tar,
-            f"{tar.upper()} (held-out IvS pairs)",
+            tar.replace("tar@", "TAR@") + " (held-out IvS pairs)",
             "accuracy vs CB-HEM memory size",
         ),
         (
@@ -272,7 +275,7 @@ def plot(frame: pl.DataFrame, out_dir: Path, far: float | None = None) -> list[P
             "virtual_batch",
             "memory",
             "peak_mib",
-            "peak memory (MiB)",
+            "peak memory (MiB; torch allocator on CUDA, RSS on CPU)",
             "peak memory vs virtual batch",
         ),
         (
