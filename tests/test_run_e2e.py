@@ -151,8 +151,10 @@ def test_worker_hang_is_killed(tmp_path):
     r = runner.invoke(app, ["run", str(path), "--results-dir", str(tmp_path), "-q"])
     assert r.exit_code == 1, r.output
     df = load_run(only_run(tmp_path, "hang"))
-    # the baseline trial ran before the hung one and is unaffected by the kill
-    assert dict(zip(df["inject"], df["status"], strict=True)) == {"none": "ok", "hang": "timeout"}
+    # both trials have a row: the suite went on past the kill (the baseline's own status is not
+    # asserted: on an overloaded machine its process start alone can exceed the short limit)
+    assert sorted(df["inject"]) == ["hang", "none"]
+    assert df.filter(pl.col("inject") == "hang")["status"].to_list() == ["timeout"]
     assert "timed out after" in df.filter(pl.col("status") == "timeout")["error"][0]
 
 
