@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mining.negatives import default_chunk, hardest_negatives, merge_topk, random_negatives
 
 
-def _brute_force(anchors, alabels, cands, clabels, k, exclude=None, below=None):
+def _brute_force(anchors, alabels, cands, clabels, k, exclude=None, below=None, mask=None):
     """Per anchor: sorted list of (sim, j) over admissible candidates, plain Python loops."""
     out = []
     for i in range(anchors.shape[0]):
@@ -20,6 +20,8 @@ def _brute_force(anchors, alabels, cands, clabels, k, exclude=None, below=None):
         cand = []
         for j in range(cands.shape[0]):
             if int(clabels[j]) in labs or (exclude is not None and j == int(exclude[i])):
+                continue
+            if mask is not None and not bool(mask[j]):
                 continue
             s = float(sum(float(a) * float(c) for a, c in zip(anchors[i], cands[j], strict=True)))
             if below is not None and s >= float(below[i]):
@@ -80,7 +82,7 @@ def test_matches_brute_force(problem):
 
 
 @given(problems(), st.data())
-def test_exclude_self_below_and_two_labels(problem, data):
+def test_exclude_self_below_mask_and_two_labels(problem, data):
     anchors, alabels, cands, clabels, k, chunk, gen = problem
     m, b = cands.shape[0], anchors.shape[0]
     exclude = torch.randint(-1, max(m, 1), (b,), generator=gen)
@@ -88,11 +90,20 @@ def test_exclude_self_below_and_two_labels(problem, data):
     labels2 = torch.stack([alabels, torch.randint(0, 6, (b,), generator=gen)], dim=1)
     use_two = data.draw(st.booleans())
     al = labels2 if use_two else alabels
+    mask = torch.rand(m, generator=gen) < 0.7
     sims, idx = hardest_negatives(
-        anchors, al, cands, clabels, k=k, exclude_self=exclude, chunk=chunk, below=below
+        anchors,
+        al,
+        cands,
+        clabels,
+        k=k,
+        exclude_self=exclude,
+        chunk=chunk,
+        below=below,
+        cand_mask=mask,
     )
     tol = 1e-4 if anchors.dtype == torch.float32 else 1e-10
-    ref = _brute_force(anchors, al, cands, clabels, k, exclude=exclude, below=below)
+    ref = _brute_force(anchors, al, cands, clabels, k, exclude=exclude, below=below, mask=mask)
     _check(sims, idx, ref, anchors, cands, k, tol)
 
 

@@ -107,7 +107,16 @@ def _median_seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def test_ratio_table(bench_enabled):
+@pytest.fixture(params=[1, None], ids=["threads1", "threads_default"])
+def num_threads(request):
+    """Intra-op threads: 1 isolates the compute cost from thread-sync stalls on a shared host."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param or before)
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
+def test_ratio_table(bench_enabled, num_threads):
     rows = []
     for memory_size in MEMORY_SIZES:
         steps = _steps(memory_size)
@@ -119,7 +128,8 @@ def test_ratio_table(bench_enabled):
                 times[name].append(_median_seconds(fn))
         med = {name: statistics.median(t) for name, t in times.items()}
         rows.append((memory_size, med))
-    print("\n| M | floor ms | ours ms | PML ms | ours/floor | PML/ours |")
+    print(f"\nthreads={num_threads}")
+    print("| M | floor ms | ours ms | PML ms | ours/floor | PML/ours |")
     print("|---:|---:|---:|---:|---:|---:|")
     for memory_size, med in rows:
         print(
