@@ -34,10 +34,10 @@ import hashlib
 import itertools
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
