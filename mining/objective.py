@@ -72,6 +72,13 @@ class MetricObjective:
         alpha1, alpha2: quadruplet margins (α2 < α1).
         seed: base seed of the random miner (reseeded per step, so repeated calls agree).
         chunk: candidates per similarity GEMM (default: see :func:`mining.negatives.default_chunk`).
+
+    ``last_stats`` (from the latest call): ``memory_share`` (fraction of mined terms whose
+    negative came from the memory), ``neg_age`` (mean age in steps of those memory negatives; NaN
+    if none), ``active_frac`` (fraction of batch rows anchoring a non-zero term), ``num_terms``,
+    ``loss_batch`` and ``loss_mem`` (``loss = loss_batch + memory_weight · loss_mem``).
+    With ``enqueue="before"`` the memory rows written this step (stale copies of the batch) are
+    never mined.
     """
 
     def __init__(
