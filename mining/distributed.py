@@ -42,7 +42,10 @@ gradient once when the body exits::
 Collectives: ``GlobalBatchLoss`` gathers once per loss call (plus once per hook when the wrapped
 loss has hooks), so every rank must make the same calls in the same order. PLB ``exact`` and
 ``select`` call the loss once per step; ``chunk_loss`` calls it once per chunk, so it needs the
-same number of chunks on every rank. Losses that draw random numbers (the ``random`` miner) must
+same number of chunks on every rank. So does a DDP model with buffers (BatchNorm): DDP broadcasts
+buffers in every forward, and PLB forwards each chunk (twice in ``exact``), so either keep the
+local batch size equal on every rank or build DDP with ``broadcast_buffers=False``. Losses that
+draw random numbers (the ``random`` miner) must
 use the same generator state on every rank to stay identical.
 
 Without an initialised process group everything degrades to the single-process behaviour
