@@ -1,18 +1,21 @@
-"""Synthetic ID-vs-Spot data with look-alike groups and a domain gap.
+"""Synthetic ID-vs-Spot data with look-alike groups, a domain gap and nuisance factors.
 
-Generative model (all draws from generators seeded by `seed`; d = `dim`):
+Generative model (all draws from generators seeded by `seed`; d = `dim`, h = ⌊d/2⌋ identity
+dimensions, the other d − h are nuisance dimensions):
 
-    centres   c_g ~ unit sphere,                          g = 1..lookalike_groups
-    identity  z_i = normalize(c_{g_i} + group_spread · ε_i / √d),   g_i ~ U{groups}
-    ID photo  x_i^ID   = W_ID   z_i + noise · η / √d
-    spot      x_i^spot = W_spot z_i + noise · η' / √d
-    W_ID = Q_a,  W_spot = cos(θ) Q_a + sin(θ) Q_b,  θ = domain_gap · π/2,  Q_a, Q_b random orthogonal
+    centres   c_g ~ unit sphere in R^h,                       g = 1..lookalike_groups
+    identity  z_i = normalize(c_{g_i} + group_spread · ε_i / √h),    g_i ~ U{groups}
+    photo     x = Q [P_dom z_i ; nuisance · ν / √(d−h) + s_dom μ] + noise · η / √d
+    P_ID = I,  P_spot = cos(θ) I + sin(θ) R,  θ = domain_gap · π/2,  s_ID = −1, s_spot = +1
 
-so identities of one group are look-alikes (E cos(z_i, z_j) ≈ 1/(1 + group_spread²)) and the
-two photos of one identity differ by a fixed domain transform plus noise. With modality
-"images" the photo vector v = W z is rendered as a 3×image_size×image_size image: a fixed random
-map R (192×d) makes a 3×8×8 pattern R v (pixels ≈ N(0, 1)), bilinearly upsampled, plus
-per-pixel noise · η.
+with Q (d×d) and R (h×h) random orthogonal, μ a fixed unit vector of the nuisance space and
+ν, η ~ N(0, I) fresh per photo. So: identities of one group are look-alikes
+(E cos(z_i, z_j) ≈ 1/(1 + group_spread²)); the spot photo sees the identity through a rotated
+view (undoable only by a model that recognises the domain, which μ makes visible); the
+nuisance part dilutes raw cosine similarity but can be learned away; `noise` is irreducible.
+With modality "images" the photo vector v (before `noise`) is rendered as a
+3×image_size×image_size image: a fixed random map (192×d) makes a 3×8×8 pattern (pixels
+≈ N(0, 1)), bilinearly upsampled, plus per-pixel noise · η.
 
 Class imbalance (`imbalance` = α > 0, for the heads study): training identity i gets
 e_i = min(imbalance_max, ⌊u^(−1/α)⌋ − 1) extra spot photos, u ~ U(0, 1] — a discrete Pareto
@@ -49,9 +52,10 @@ DEFAULTS: dict[str, Any] = {
     "test_identities": 1000,
     "dim": 64,
     "lookalike_groups": 200,
-    "group_spread": 0.6,
+    "group_spread": 0.5,
     "domain_gap": 0.4,
     "noise": 0.4,
+    "nuisance": 1.5,
     "modality": "features",
     "image_size": 32,
     "imbalance": 0.0,
@@ -73,13 +77,14 @@ def _orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SyntheticIvS:
-    """The fixed part of the generative model (centres, transforms, renderer) for one seed."""
+    """The fixed part of the generative model (module docstring) for one seed."""
 
     params: dict[str, Any]
     seed: int
-    centres: torch.Tensor  # (G, d)
-    w_id: torch.Tensor  # (d, d)
-    w_spot: torch.Tensor  # (d, d)
+    centres: torch.Tensor  # (G, h)
+    p_spot: torch.Tensor  # (h, h): the spot view of the identity, P_spot
+    mix: torch.Tensor  # (d, d): Q
+    signature: torch.Tensor  # (d − h,): μ
     render: torch.Tensor  # (3·8·8, d), used for modality "images"
 
     @classmethod
@@ -92,16 +97,20 @@ class SyntheticIvS:
         check_float(p, "group_spread", 0.0)
         gap = check_float(p, "domain_gap", 0.0, 1.0)
         check_float(p, "noise", 0.0)
+        check_float(p, "nuisance", 0.0)
         check_choice(p, "modality", MODALITIES)
         check_int(p, "image_size", PATTERN)
         check_float(p, "imbalance", 0.0)
         check_int(p, "imbalance_max", 0)
+        h = d // 2
         gen = _generator(seed, 0)
-        centres = F.normalize(torch.randn(groups, d, generator=gen), dim=1)
-        q_a, q_b = _orthogonal(d, gen), _orthogonal(d, gen)
+        centres = F.normalize(torch.randn(groups, h, generator=gen), dim=1)
         theta = gap * math.pi / 2
+        p_spot = math.cos(theta) * torch.eye(h) + math.sin(theta) * _orthogonal(h, gen)
+        mix = _orthogonal(d, gen)
+        signature = F.normalize(torch.randn(d - h, generator=gen), dim=0)
         render = torch.randn(CHANNELS * PATTERN * PATTERN, d, generator=gen)
-        return cls(p, seed, centres, q_a, math.cos(theta) * q_a + math.sin(theta) * q_b, render)
+        return cls(p, seed, centres, p_spot, mix, signature, render)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -123,34 +132,49 @@ class SyntheticIvS:
             rows = (ident >= start) & (ident < stop)
             yield x[rows], ident[rows], domain[rows]
 
+    def latents(self, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+        """Chunk c's identity latents z (CHUNK, h), groups (CHUNK,) and the uniform draws u
+        (CHUNK,) of the imbalance law, with its generator left positioned for the photos."""
+        gen = _generator(self.seed, 1 + c)
+        h = self.centres.shape[1]
+        group = torch.randint(self.centres.shape[0], (CHUNK,), generator=gen)
+        eps = torch.randn(CHUNK, h, generator=gen)
+        z = F.normalize(
+            self.centres[group] + self.params["group_spread"] * eps / math.sqrt(h), dim=1
+        )
+        u = 1.0 - torch.rand(CHUNK, generator=gen, dtype=torch.float64)  # (0, 1]
+        return z, group, u, gen
+
     def _chunk(self, c: int, extras: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All samples of chunk c. Everything is drawn for the whole chunk in a fixed order
-        (identities, base noise, then extras), so no value depends on the range requested and
+        (identities, base photos, then extras), so no value depends on the range requested and
         the base photos do not depend on `extras`."""
-        p, d = self.params, self.params["dim"]
-        gen = _generator(self.seed, 1 + c)
-        group = torch.randint(self.centres.shape[0], (CHUNK,), generator=gen)
-        eps = torch.randn(CHUNK, d, generator=gen)
-        z = F.normalize(self.centres[group] + p["group_spread"] * eps / math.sqrt(d), dim=1)
-        u = 1.0 - torch.rand(CHUNK, generator=gen, dtype=torch.float64)  # (0, 1]
+        z, _, u, gen = self.latents(c)
         ident = torch.arange(CHUNK) + c * CHUNK
-        v_spot = z @ self.w_spot.T
-        x = self._render(torch.cat([z @ self.w_id.T, v_spot]), gen)
         ids, domain = torch.cat([ident, ident]), torch.arange(2).repeat_interleave(CHUNK)
-        if not (extras and p["imbalance"] > 0):
+        x = self._photo(torch.cat([z, z]), domain, gen)
+        if not (extras and self.params["imbalance"] > 0):
             return x, ids, domain
-        n_extra = (u ** (-1.0 / p["imbalance"])).floor().long() - 1
-        rep = torch.repeat_interleave(torch.arange(CHUNK), n_extra.clamp(0, p["imbalance_max"]))
+        n_extra = (u ** (-1.0 / self.params["imbalance"])).floor().long() - 1
+        rep = torch.repeat_interleave(
+            torch.arange(CHUNK), n_extra.clamp(0, self.params["imbalance_max"])
+        )
+        ones = torch.ones(rep.numel(), dtype=torch.int64)
         return (
-            torch.cat([x, self._render(v_spot[rep], gen)]),
+            torch.cat([x, self._photo(z[rep], ones, gen)]),
             torch.cat([ids, ident[rep]]),
-            torch.cat([domain, torch.ones(rep.numel(), dtype=torch.int64)]),
+            torch.cat([domain, ones]),
         )
 
-    def _render(self, v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _photo(self, z: torch.Tensor, domain: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Photos (n, *input_shape) of latents z (n, h) in `domain` (n,) (module docstring)."""
         p = self.params
+        d, h = p["dim"], z.shape[1]
+        view = torch.where(domain[:, None] == 1, z @ self.p_spot.T, z)
+        nuisance = p["nuisance"] * torch.randn(z.shape[0], d - h, generator=gen) / math.sqrt(d - h)
+        nuisance += (2 * domain[:, None] - 1) * self.signature
+        v = torch.cat([view, nuisance], dim=1) @ self.mix.T
         if p["modality"] == "features":
-            d = p["dim"]
             return v + p["noise"] * torch.randn(v.shape, generator=gen) / math.sqrt(d)
         s = p["image_size"]
         pattern = (v @ self.render.T).view(-1, CHANNELS, PATTERN, PATTERN)
