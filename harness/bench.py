@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 SCHEMA = "hembench-bench/1"
 
-# Default relative tolerance for a ratio slowdown, in percent. Measured on the 2-core CI-like
-# container (docs/benchmarks.md, "CI regression bench"): the median ratio of a case moved by at
-# most ~7 % between ten fresh runs of an unchanged tree; 25 % is > 3x that spread and still far
-# below the 2x slowdown the gate must catch.
-DEFAULT_TOLERANCE_PCT = 25.0
+# Default relative tolerance for a ratio slowdown, in percent, set from measured noise
+# (docs/benchmarks.md, "CI regression bench"): over ten runs against a fresh baseline on the
+# shared 2-core container, 90 % of the case medians lay within 13.8 % of their case's median and
+# the worst single slowdown was +38 %; 50 % is > 3x the p90 spread (0/10 false alarms at >= 40 %)
+# and still far below the +100 % of a 2x slowdown the gate must catch.
+DEFAULT_TOLERANCE_PCT = 50.0
 
 # Relative tolerance of figures recorded as `exact`: analytic bytes and forward counts must match
 # exactly; CUDA allocator peaks get 2 % for allocator rounding across driver versions.
