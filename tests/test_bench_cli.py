@@ -198,11 +198,15 @@ def test_kernel_slowed_2x_is_caught(tmp_path, monkeypatch, target):
         plb = pytest.importorskip("mining.plb")
         module, name, only = plb.PseudoLargeBatch, "__call__", "plb_exact"
     base = tmp_path / "base.json"
-    steady = [*FAST, "--repeat", "9", "--min-time", "0.03", "--only", only]  # later options win
+    # default sizes (10-20 ms per call): steadier than tiny ones on a loaded machine
+    steady = ["--preset", "default", "--repeat", "7", "--min-time", "0.05", "--only", only]
     code, text = invoke(*steady, "--save", base)
     assert code == 0, text
-    # tolerance 50 %: above tiny-size noise, well below the +100 % of a 2x slowdown
+    # tolerance 50 %: above the measured noise, well below the +100 % of a 2x slowdown
+    # the unchanged control may retry once: a noise burst on a shared machine is not a finding
     code, text = invoke(*steady, "--baseline", base, "--tolerance", "50")
+    if code == 1:
+        code, text = invoke(*steady, "--baseline", base, "--tolerance", "50")
     assert code == 0, text
     monkeypatch.setattr(module, name, _slowed(getattr(module, name)))
     code, text = invoke(*steady, "--baseline", base, "--tolerance", "50")
