@@ -88,12 +88,12 @@ def build_features(cfg: Mapping[str, Any], seed: int) -> IvSData:
         raise ValueError(
             f"data.{p['label_column']} must hold integer identity ids; got {labels.dtype}"
         )
-    x_t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    labels_t = torch.as_tensor(labels, dtype=torch.int64)
+    x_t = torch.tensor(x, dtype=torch.float32)  # a copy: polars/np.load arrays may be read-only
+    labels_t = torch.tensor(labels, dtype=torch.int64)
     if domain is None:
         domain_t = _first_is_id(labels_t)
     else:
-        domain_t = torch.as_tensor(domain, dtype=torch.int64)
+        domain_t = torch.tensor(domain, dtype=torch.int64)
         if domain_t.shape != labels_t.shape or not torch.isin(domain_t, torch.tensor([0, 1])).all():
             raise ValueError("data.domain_column must hold one 0 (ID) or 1 (spot) per sample")
     return split_identities(x_t, labels_t, domain_t, fraction, seed)

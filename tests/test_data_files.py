@@ -1,0 +1,187 @@
+"""image_folder and features kinds, and the P×K sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from harness.data import PairBatchSampler, build_data
+
+
+def write_tree(root, n_ids=6, per_id=3):
+    """n_ids identity dirs of small PNGs whose colour encodes (identity, image), plus a
+    one-image identity and a corrupt file."""
+    for i in range(n_ids):
+        d = root / f"person{i:02d}"
+        d.mkdir()
+        for j in range(per_id):
+            name = "id.png" if j == per_id - 1 else f"spot{j}.png"
+            Image.new("RGB", (20, 24), (10 * i, 40 * j, 7)).save(d / name)
+    (root / "zz_lonely").mkdir()
+    Image.new("RGB", (20, 24), (1, 2, 3)).save(root / "zz_lonely" / "only.png")
+    (root / "person00" / "broken.jpg").write_bytes(b"not an image")
+
+
+def test_image_folder_reads_splits_and_counts(tmp_path):
+    write_tree(tmp_path)
+    cfg = {"kind": "image_folder", "path": str(tmp_path), "image_size": 8, "test_fraction": 0.34}
+    with pytest.raises(ValueError, match=r"unreadable image .*broken\.jpg"):
+        build_data(cfg, 0)
+    with pytest.warns(UserWarning):
+        d = build_data({**cfg, "on_bad_image": "skip"}, 0)
+    assert d.info["bad_images"] == 1 and d.info["single_image_identities"] == 1
+    assert d.input_shape == (3, 8, 8) and d.num_classes == 4
+    assert d.test_id_x.shape == d.test_spot_x.shape == (2, 3, 8, 8)
+    assert d.train.x.shape[0] == 12 and d.train.x.min() >= -1 and d.train.x.max() <= 1
+    # pixel value −1 + 2·(10·i)/255 identifies the person: test people are not in train
+    person = lambda x: torch.round((x[:, 0, 0, 0] + 1) / 2 * 255 / 10).long()  # noqa: E731
+    assert not set(person(d.test_id_x).tolist()) & set(person(d.train.x).tolist())
+    # pairing "first": the first file by name (id.png < spot*.png) is the ID photo
+    green = lambda x: torch.round((x[:, 1, 0, 0] + 1) / 2 * 255).long()  # noqa: E731
+    assert (green(d.test_id_x) == 80).all() and (green(d.test_spot_x) == 0).all()
+    assert (green(d.train.x[d.train.domain == 0]) == 80).all()
+    # deterministic for a seed; another seed can pick other test identities
+    again = build_data({**cfg, "on_bad_image": "skip"}, 0)
+    assert torch.equal(again.test_id_x, d.test_id_x)
+
+
+def test_image_folder_pattern_pairing(tmp_path):
+    write_tree(tmp_path)
+    (tmp_path / "person00" / "broken.jpg").unlink()
+    cfg = {"kind": "image_folder", "path": str(tmp_path), "image_size": 8}
+    with pytest.warns(UserWarning):
+        d = build_data({**cfg, "pairing": "pattern", "id_pattern": "^spot1"}, 0)
+    green = lambda x: torch.round((x[:, 1, 0, 0] + 1) / 2 * 255).long()  # noqa: E731
+    assert (green(d.train.x[d.train.domain == 0]) == 40).all()  # spot1.png has green 40·1
+    assert (green(d.test_id_x) == 40).all() and (green(d.test_spot_x) != 40).all()
+    assert (d.train.domain == 0).sum() == d.num_classes
+    grey = build_data({**cfg, "channels": 1, "on_bad_image": "skip"}, 0)
+    assert grey.input_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"path": "/nonexistent"}, "data.path"),
+        ({"pairing": "random"}, "data.pairing"),
+        ({"channels": 2}, "data.channels"),
+        ({"on_bad_image": "ignore"}, "data.on_bad_image"),
+    ],
+)
+def test_image_folder_bad_config(tmp_path, cfg, match):
+    write_tree(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        build_data({"kind": "image_folder", "path": str(tmp_path), **cfg}, 0)
+
+
+def test_image_folder_empty(tmp_path):
+    with pytest.raises(ValueError, match="no identity directories"):
+        build_data({"kind": "image_folder", "path": str(tmp_path)}, 0)
+
+
+def feature_table(n_ids=20, per_id=3, dim=5):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(100, 100 + n_ids), per_id)
+    x = rng.normal(size=(labels.size, dim)).astype(np.float32)
+    x[:, 0] = labels  # column 0 carries the identity, to check the split
+    domain = np.tile(np.r_[1, 0, np.ones(per_id - 2, int)], n_ids)
+    return x, labels, domain
+
+
+def check_features(d, n_ids=20):
+    assert d.num_classes + d.test_id_x.shape[0] == n_ids
+    assert torch.equal(d.test_id_x[:, 0], d.test_spot_x[:, 0])  # rows aligned by identity
+    assert not set(d.test_id_x[:, 0].tolist()) & set(d.train.x[:, 0].tolist())
+    assert d.train.labels.max() == d.num_classes - 1
+
+
+def test_features_npz_npy_parquet_agree(tmp_path):
+    x, labels, domain = feature_table()
+    np.savez(tmp_path / "f.npz", x=x, label=labels, domain=domain)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "d.npy", domain)
+    pl.DataFrame({"x": x.tolist(), "label": labels, "domain": domain}).write_parquet(
+        tmp_path / "f.parquet"
+    )
+    builds = [
+        build_data({"kind": "features", "path": str(tmp_path / "f.npz")}, 1),
+        build_data(
+            {
+                "kind": "features",
+                "path": str(tmp_path / "x.npy"),
+                "labels_path": str(tmp_path / "y.npy"),
+                "domain_path": str(tmp_path / "d.npy"),
+            },
+            1,
+        ),
+        build_data({"kind": "features", "path": str(tmp_path / "f.parquet")}, 1),
+    ]
+    for d in builds:
+        check_features(d)
+        assert torch.equal(d.train.x, builds[0].train.x)
+        assert torch.equal(d.test_spot_x, builds[0].test_spot_x)
+    # the ID photo of a test identity is its domain-0 sample (the second row of each identity)
+    id_row = {int(labels[i]): x[i] for i in range(len(labels)) if domain[i] == 0}
+    for row in builds[0].test_id_x:
+        assert np.array_equal(row.numpy(), id_row[int(row[0])])
+
+
+def test_features_parquet_columns_without_domain(tmp_path):
+    x, labels, _ = feature_table()
+    df = pl.DataFrame({f"f{i}": x[:, i] for i in range(x.shape[1])}).with_columns(
+        pl.Series("label", labels)
+    )
+    df.write_parquet(tmp_path / "f.parquet")
+    d = build_data({"kind": "features", "path": str(tmp_path / "f.parquet")}, 0)
+    check_features(d)
+    # without a domain column, the first sample of an identity is its ID photo
+    first = {int(lab): x[i] for i, lab in reversed(list(enumerate(labels)))}
+    for row in d.test_id_x:
+        assert np.allclose(row.numpy(), first[int(row[0])])
+
+
+def test_features_bad_config(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.path"):
+        build_data({"kind": "features", "path": str(tmp_path / "x.csv")}, 0)
+    with pytest.raises(ValueError, match=r"data\.path is required"):
+        build_data({"kind": "features"}, 0)
+    np.save(tmp_path / "x.npy", np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"data\.labels_path"):
+        build_data({"kind": "features", "path": str(tmp_path / "x.npy")}, 0)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 8), st.integers(2, 3))
+def test_pair_sampler_p_by_k(seed, p, k):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 6, (40,), generator=g)
+    labels = torch.repeat_interleave(torch.arange(40), counts)[
+        torch.randperm(int(counts.sum()), generator=g)
+    ]
+    eligible = int((counts >= k).sum())
+    if eligible < p:
+        with pytest.raises(ValueError, match="batch_size"):
+            PairBatchSampler(labels, p * k, g, k=k)
+        return
+    sampler = PairBatchSampler(labels, p * k, torch.Generator().manual_seed(seed), k=k)
+    seen = []
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == eligible // p
+    for idx in batches:
+        groups = labels[idx].view(p, k)
+        assert (groups == groups[:, :1]).all()  # K samples of one identity per group
+        assert idx.unique().numel() == p * k  # distinct samples
+        seen += groups[:, 0].tolist()
+    assert len(set(seen)) == len(seen)  # an identity appears at most once per epoch
+    again = list(PairBatchSampler(labels, p * k, torch.Generator().manual_seed(seed), k=k))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_pair_sampler_rejects_bad_batch():
+    with pytest.raises(ValueError, match="multiple of k=2"):
+        PairBatchSampler(torch.arange(10) // 2, 7, torch.Generator())
