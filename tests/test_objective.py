@@ -34,7 +34,8 @@ def _reference_batch_hard(x, y, mem, mem_y, *, margin, weight, reduction, in_bat
         if not pos or not negs:
             continue
         s_ap = min(pos, key=lambda t: float(t.detach()))
-        s_an, w = max(negs, key=lambda t: float(t[0].detach()))  # max keeps the first (batch) on ties
+        # max keeps the first (batch) candidate on ties
+        s_an, w = max(negs, key=lambda t: float(t[0].detach()))
         terms.append((torch.relu(s_an - s_ap + margin), w))
     active = [t for t in terms if float(t[0].detach()) > 0]
     count = len(terms) if reduction == "mean_all" else len(active)
@@ -188,11 +189,12 @@ def test_mps_with_bidirectional_matches_docface_formula():
         s = f[0::2] @ f[1::2].T  # ID × spot scores
         n = s.shape[0]
         per_pair = []
+        value = lambda t: float(t.detach())  # noqa: E731
         for i in range(n):
             h = max(
-                max((s[i, j] for j in range(n) if j != i), key=float),
-                max((s[j, i] for j in range(n) if j != i), key=float),
-                key=float,
+                max((s[i, j] for j in range(n) if j != i), key=value),
+                max((s[j, i] for j in range(n) if j != i), key=value),
+                key=value,
             )
             per_pair.append(torch.relu(0.4 + h - s[i, i]))
         return sum(per_pair) / n
