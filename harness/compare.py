@@ -114,8 +114,19 @@ def metric_columns(frame: pl.DataFrame) -> list[str]:
     return [c for c, t in frame.schema.items() if t.is_numeric() and direction(c) is not None]
 
 
+# Columns that a harness row derives from `config_key`; they ride along to make labels readable.
+_LABEL_COLUMNS = ("method", "memory", "virtual_batch")
+
+
 def config_columns(frame: pl.DataFrame) -> list[str]:
-    """Columns that identify a configuration (seed excluded): neither metric nor record metadata."""
+    """Columns that identify a configuration (seed excluded).
+
+    Harness rows carry `config_key` (hash of the resolved config minus seed): that is the join
+    key, plus the descriptive columns it determines. Without it (rows from elsewhere), every
+    column that is neither a metric nor record metadata is taken as config.
+    """
+    if "config_key" in frame.columns:
+        return ["config_key", *[c for c in _LABEL_COLUMNS if c in frame.columns]]
     metrics = set(metric_columns(frame))
     return [
         c

@@ -264,3 +264,35 @@ def test_no_common_config_exits_2(tmp_path):
 def test_load_run_reads_every_trial(tmp_path):
     run = write_run(tmp_path, "a", rows())
     assert load_run(run).height == len(CONFIGS) * 2
+
+
+def test_harness_rows_join_on_config_key_despite_unsigned_stats(tmp_path):
+    """Stats without a direction (memory_share, drift, ...) differ between runs of one config;
+    harness rows must still join on their `config_key`, not split on those columns."""
+    import polars as pl
+
+    from harness.compare import compare_runs, load_run
+
+    def run(name: str, share: float, sps: float):
+        d = tmp_path / name / "trials"
+        d.mkdir(parents=True)
+        pl.DataFrame(
+            {
+                "trial_id": ["t0"],
+                "config_key": ["k0"],
+                "method": ["batch_hard+triplet"],
+                "memory": [64],
+                "virtual_batch": [32],
+                "seed": [0],
+                "status": ["ok"],
+                "memory_share": [share],
+                "drift": [share / 2],
+                "samples_per_s": [sps],
+            }
+        ).write_parquet(d / "t0.parquet")
+        return load_run(tmp_path / name)
+
+    deltas, notes = compare_runs(run("a", 0.3, 1000.0), run("b", 0.7, 500.0), [("throughput", 10)])
+    assert not notes
+    breached = [d for d in deltas if d.metric == "samples_per_s"]
+    assert len(breached) == 1 and breached[0].breached
