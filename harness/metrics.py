@@ -250,16 +250,15 @@ def ivs_verification(
         stop = min(start + block, n)
         scores = a[start:stop] @ b.T
         rows = torch.arange(stop - start)
-        # the genuine scores of this block recomputed by the GEMM (may differ from `genuine` in
-        # the last bit); they must not count as impostors
-        scores[rows, rows + start] = -math.inf
-        flat = scores.reshape(-1)
-        imp = flat[torch.isfinite(flat)]
-        bins += _bin_counts(imp, uniq)
+        flat = scores.view(-1)
+        # bin the whole block, then take the block's own genuine pairs back out (cheaper than
+        # copying the impostors out); they are excluded from the top-k by −inf
+        diagonal = scores[rows, rows + start]
+        bins += _bin_counts(flat, uniq) - _bin_counts(diagonal, uniq)
         if keep:
-            if top.numel() == keep:
-                imp = imp[imp > top[-1]]
-            top = torch.cat([top, imp]).topk(min(keep, top.numel() + imp.numel())).values
+            scores[rows, rows + start] = -math.inf
+            cand = flat[flat > top[-1]] if top.numel() == keep else flat
+            top = torch.cat([top, cand]).topk(min(keep, top.numel() + cand.numel())).values
     out: dict[str, float] = {}
     for f in fars:
         if f not in defined:
