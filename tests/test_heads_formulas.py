@@ -111,7 +111,7 @@ def test_hsm_saturation_covers_both_outcomes():
         head = build(
             "hsm", weight, saturation=saturation, pseudo="none", class_counts=[1, 2, 3, 4, 5]
         )
-        sat = head.saturated(head.margin(head.cosine(emb), labels), labels)
+        sat = head.saturated(*head.margin(head.cosine(emb), labels), labels)
         assert 0 < int(sat.sum()) < 64
 
 
@@ -192,9 +192,9 @@ def test_hsm_saturation_thresholds_are_exact(side):
     emb, weight, labels = two_class_batch(0.8, 0.1)
     head = build("hsm", weight, pseudo="none", saturation="gap", delta=0.2 + side * 1e-9)
     head.set_class_counts([1, 1])
-    assert bool(head.saturated(head.margin(head.cosine(emb), labels), labels)) == (side < 0)
+    assert bool(head.saturated(*head.margin(head.cosine(emb), labels), labels)) == (side < 0)
     # prob test: p_y = 1 / (1 + exp(s · (0.1 − 0.3))) with s = 8
     p_y = 1 / (1 + math.exp(8 * (0.1 - 0.3)))
     head = build("hsm", weight, pseudo="none", tau=p_y + side * 1e-9, s=8.0)
     head.set_class_counts([1, 1])
-    assert bool(head.saturated(head.margin(head.cosine(emb), labels), labels)) == (side < 0)
+    assert bool(head.saturated(*head.margin(head.cosine(emb), labels), labels)) == (side < 0)

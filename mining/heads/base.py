@@ -1,8 +1,8 @@
 """The cosine head that every margin head builds on (arcface_torch ``losses.py`` style).
 
 ``CosineHead`` computes the clamped cosine matrix, applies the optional interclass filter and
-scales; a margin head only overrides `CosineHead.margin`, which rewrites target (and possibly
-negative) cosines. Without a margin this is the plain normalised-softmax (NormFace) head,
+scales; a margin head only overrides `CosineHead.margin`, which returns its new target cosines
+(and, if it changes them, its non-target cosines). Without a margin this is the plain normalised-softmax (NormFace) head,
 registered as ``cosine``.
 """
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mining.heads.fused import ClampedCosine, ScaleWithTarget
 from mining.heads.params import CheckedParams, check_range, check_size
 
 #: Cosines are clamped to [-1 + COS_EPS, 1 - COS_EPS] before any acos/sqrt(1 - cos²): fp16 dot
@@ -35,14 +36,6 @@ def check_labels(emb: Tensor, labels: Tensor, num_classes: int) -> None:
             f"labels must lie in [0, {num_classes}), got range "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-
-
-def replace_target(cos: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-    """Out-of-place ``cos[i, labels[i]] = target[i]``: (B, C), (B,), (B,) -> (B, C).
-
-    Out of place so that autograd sees the original cosines of the other columns.
-    """
-    return cos.scatter(1, labels[:, None], target[:, None].to(cos.dtype))
 
 
 def target_cosine(cos: Tensor, labels: Tensor) -> Tensor:
@@ -80,7 +73,7 @@ class CosineHead(CheckedParams, nn.Module):
             no_grad before the margin is applied (arcface_torch uses 0.4); ``None`` = off.
 
     The cosine matrix is computed in at least float32 (also under fp16 autocast) and clamped
-    to [-1 + COS_EPS, 1 - COS_EPS].
+    to [-1 + COS_EPS, 1 - COS_EPS] (see `ClampedCosine`: the clamp passes gradient through).
     """
 
     def __init__(
@@ -105,14 +98,16 @@ class CosineHead(CheckedParams, nn.Module):
 
     def cosine(self, emb: Tensor) -> Tensor:
         """Clamped cosine matrix (B, C) between normalised embeddings and class centres."""
-        cos = F.linear(F.normalize(emb, dim=1), F.normalize(self.weight, dim=1))
-        # autocast returns fp16/bf16 here; margins need float32 (acos, sqrt(1 - c²) near 1).
-        cos = cos.to(torch.promote_types(cos.dtype, torch.float32))
-        return cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+        return ClampedCosine.apply(F.normalize(emb, dim=1), self.weight, COS_EPS)
 
-    def margin(self, cos: Tensor, labels: Tensor) -> Tensor:
-        """Rewrite the (filtered, clamped) cosines with this head's margin; identity here."""
-        return cos
+    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """This head's margin on the (filtered, clamped) cosines (B, C).
+
+        Returns ``(others, target)``: ``others`` (B, C') supplies every non-target logit
+        (C' > C appends columns), ``target`` (B,) the new target cosines, or None to keep
+        ``others``' own. Here: no margin.
+        """
+        return cos, None
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B, d), (B,) -> logits (B, C or more), scaled by s, margins applied."""
@@ -120,7 +115,10 @@ class CosineHead(CheckedParams, nn.Module):
         cos = self.cosine(emb)
         if self.interclass_filter is not None:
             cos = interclass_filter(cos, labels, self.interclass_filter)
-        return self.s * self.margin(cos, labels)
+        others, target = self.margin(cos, labels)
+        if target is None:
+            return self.s * others
+        return ScaleWithTarget.apply(others, labels, target, self.s)
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mining.heads.base import CosineHead, non_target_mask, replace_target, target_cosine
+from mining.heads.base import CosineHead, target_cosine
 from mining.heads.params import check_choice, check_range
 
 PSEUDO_VARIANTS = ("false_class", "virtual_class", "none")
@@ -109,32 +109,30 @@ class HSM(CosineHead):
         return torch.where(n > 0, self.m_max * (n_min / n.clamp(min=1)) ** 0.25, 0.0)
 
     @torch.no_grad()
-    def saturated(self, cos: Tensor, labels: Tensor) -> Tensor:
-        """Boolean (B,): rows whose target already wins by the saturation test (see class doc)."""
-        c = target_cosine(cos, labels)
+    def saturated(self, cos: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+        """Boolean (B,): rows whose target c'_y (B,) already wins against cos (B, C)'s others."""
         if self.saturation == "prob":
-            return (self.s * c - torch.logsumexp(self.s * cos, dim=1)).exp() > self.tau
-        best_negative = cos.masked_fill(~non_target_mask(cos, labels), -torch.inf).amax(dim=1)
-        return c - best_negative > self.delta
+            logits = (self.s * cos).scatter_(1, labels[:, None], (self.s * target)[:, None])
+            return (self.s * target - torch.logsumexp(logits, dim=1)).exp() > self.tau
+        best_negative = cos.scatter(1, labels[:, None], -torch.inf).amax(dim=1)
+        return target - best_negative > self.delta
 
-    def margin(self, cos: Tensor, labels: Tensor) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if (self.class_counts[labels] == 0).any():
             raise ValueError(
                 "HSM needs the class counts of every batch label: pass class_counts=... "
                 "or call set_class_counts(...) / count_labels(...) first"
             )
-        m_y = self.class_margins(labels).to(cos.dtype)
-        real = replace_target(cos, labels, target_cosine(cos, labels) - m_y)
+        target = target_cosine(cos, labels) - self.class_margins(labels).to(cos.dtype)
         if self.pseudo == "none":
-            return real
-        saturated = self.saturated(real, labels)
-        if self.pseudo == "false_class":
-            harder = saturated[:, None] & non_target_mask(real, labels)
-            return torch.where(harder, real + self.m_p, real)
-        masked = torch.finfo(real.dtype).min / self.s  # × s in forward -> finfo.min, finite
-        virtual = torch.full_like(saturated, masked, dtype=real.dtype)
+            return cos, target
+        saturated = self.saturated(cos, target, labels)
+        if self.pseudo == "false_class":  # the target entry is replaced by `target` anyway
+            return torch.where(saturated[:, None], cos + self.m_p, cos), target
+        masked = torch.finfo(cos.dtype).min / self.s  # × s in forward -> finfo.min, finite
+        virtual = torch.full_like(saturated, masked, dtype=cos.dtype)
         virtual = virtual.masked_fill(saturated, 1.0 - self.m_p)
-        return torch.cat([real, virtual[:, None]], dim=1)
+        return torch.cat([cos, virtual[:, None]], dim=1), target
 
     def extra_repr(self) -> str:
         return (

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mining.heads.arcface import cos_plus
-from mining.heads.base import CosineHead, non_target_mask, replace_target, target_cosine
+from mining.heads.base import CosineHead, non_target_mask, target_cosine
 from mining.heads.params import check_range
 
 
@@ -55,12 +55,11 @@ class NPCFace(CosineHead):
         mean_hard = torch.where(hard, cos, 0.0).sum(1) / count.clamp(min=1)  # 0 when no hard
         return hard, self.m0 + self.m1 * mean_hard
 
-    def margin(self, cos: Tensor, labels: Tensor) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         hard, sample_margin = self.hard_negatives(cos, labels)
         c = target_cosine(cos, labels)
         target = torch.where(c > 0, cos_plus(c, sample_margin), c)
-        negatives = torch.where(hard, self.t * cos + self.alpha, cos)
-        return replace_target(negatives, labels, target)
+        return torch.where(hard, self.t * cos + self.alpha, cos), target
 
     def extra_repr(self) -> str:
         return (
