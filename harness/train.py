@@ -34,9 +34,12 @@ from harness.measure import StepTimer
 PROBE_SIZE = 64
 
 
-def endless_batches(labels: torch.Tensor, n: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of `n` samples (n/2 identities × 2 photos), epoch after epoch."""
-    sampler = PairBatchSampler(labels, n, gen, k=2)
+def endless_batches(
+    labels: torch.Tensor, domain: torch.Tensor, n: int, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Index batches of `n` samples (n/2 identities × 2 photos, ID photo first), epoch after
+    epoch."""
+    sampler = PairBatchSampler(labels, n, gen, k=2, domain=domain)
     while True:
         yield from sampler
 
@@ -120,7 +123,9 @@ def train(
     m, tr = cfg["method"], cfg["train"]
     n = m["virtual_batch"] or tr["batch"]
     x_all, y_all = data.train.x, data.train.labels
-    batches = endless_batches(y_all, n, torch.Generator().manual_seed(cfg["seed"]))
+    batches = endless_batches(
+        y_all, data.train.domain, n, torch.Generator().manual_seed(cfg["seed"])
+    )
     step_fn, params = _make_step(cfg, model, data.num_classes, device)
     opt = MomentumSGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
 

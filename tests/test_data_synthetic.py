@@ -132,3 +132,19 @@ def test_bad_config_names_the_key(cfg, match):
 
 def test_registry():
     assert set(DATA_KINDS) == {"synthetic_ivs", "image_folder", "features"}
+
+
+def test_sampler_puts_the_id_photo_first_whatever_the_storage_order():
+    """The bidirectional miner and MPS read ID/spot from the row order inside a pair."""
+    from harness.data import PairBatchSampler
+
+    gen = torch.Generator().manual_seed(0)
+    n_id = 50
+    labels = torch.arange(n_id).repeat(2)
+    domain = torch.cat([torch.ones(n_id), torch.zeros(n_id)]).long()  # spot rows stored first
+    perm = torch.randperm(2 * n_id, generator=gen)
+    labels, domain = labels[perm], domain[perm]
+    for batch in PairBatchSampler(labels, 20, gen, k=2, domain=domain):
+        pairs = domain[batch].view(-1, 2)
+        assert (pairs[:, 0] == 0).all() and (pairs[:, 1] == 1).all()
+        assert (labels[batch].view(-1, 2)[:, 0] == labels[batch].view(-1, 2)[:, 1]).all()
