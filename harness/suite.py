@@ -311,6 +311,11 @@ class TrialConfig(_Strict):
             problem = _construct_problem(MetricObjective, kwargs, "objective")
         if problem:
             problems.append(problem)
+        from harness.data import validate_data
+
+        problem = _construct_problem(validate_data, {"cfg": self.data.model_dump()}, "data")
+        if problem:
+            problems.append(problem)
         if problems:
             raise ValueError("; ".join(problems))
         return self
