@@ -46,7 +46,7 @@ class ClampedCosine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             radial = (grad * cos).sum(0) * inv_norm.to(grad.dtype) ** 2
             grad_weight = scaled.T @ unit_emb.to(scaled.dtype)
-            grad_weight -= weight.to(scaled.dtype) * radial[:, None]
+            grad_weight.addcmul_(weight.to(scaled.dtype), radial[:, None], value=-1.0)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_emb, grad_weight, None
 

