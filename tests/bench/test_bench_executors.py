@@ -8,7 +8,9 @@ trials in worker processes, Parquet results written), timed wall-clock. The thre
 configurations are interleaved within each round, so that the ratios share the machine's
 state, and the speed-ups are ratios of medians over rounds. Ray is started once, before the
 rounds (a cluster is normally up already); its start-up time is reported separately.
-Targets (issue 9): ≥ 1.6× for ``--jobs 2``, ≥ 1.5× for Ray with 2 CPUs, on 2 cores.
+Targets (issue 9): ≥ 1.6× for ``--jobs 2``, ≥ 1.5× for Ray with 2 CPUs, on 2 cores; they are
+asserted only when the 1-minute load average stayed below the core count (the figures are
+printed either way).
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ def test_executor_speedup(bench_enabled, tmp_path):
         print(
             f"{name:16s} wall median {statistics.median(t):6.1f} s [{runs}]  trained median "
             f"{statistics.median(train[name]):5.1f} s  speed-up {speedup[name]:.2f}x"
+        )
+    busy = max(load_before[0], load_after[0]) >= (os.cpu_count() or 1)
+    if busy:  # other processes hold the cores: a second worker cannot buy CPU time
+        pytest.skip(
+            f"load average {load_before[0]:.1f}/{load_after[0]:.1f} >= cores: targets not checked"
         )
     for name, target in TARGETS.items():
         assert speedup[name] >= target, f"{name}: speed-up {speedup[name]:.2f}x < {target}x"
