@@ -126,7 +126,7 @@ def train(
     batches = endless_batches(
         y_all, data.train.domain, n, torch.Generator().manual_seed(cfg["seed"])
     )
-    step_fn, params = _make_step(cfg, model, data.num_classes, device)
+    step_fn, params = _make_step(cfg, model, data.num_classes, data.train.labels, device)
     opt = MomentumSGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
 
     probe_x = x_all[:PROBE_SIZE].to(device)  # fixed: the first training samples
@@ -192,7 +192,11 @@ def _embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _make_step(
-    cfg: dict[str, Any], model: torch.nn.Module, num_classes: int, device: torch.device
+    cfg: dict[str, Any],
+    model: torch.nn.Module,
+    num_classes: int,
+    train_labels: torch.Tensor,
+    device: torch.device,
 ) -> tuple[
     Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
     list[torch.nn.Parameter],
@@ -203,9 +207,10 @@ def _make_step(
     if m["head"]:
         from mining.heads import HEADS
 
-        head = HEADS[m["head"]](cfg["model"]["embedding"], num_classes, **m["head_params"]).to(
-            device
-        )
+        head = HEADS[m["head"]](cfg["model"]["embedding"], num_classes, **m["head_params"])
+        if hasattr(head, "count_labels"):  # class-size margins (HSM) need the class counts
+            head.count_labels(train_labels)
+        head = head.to(device)
 
         def head_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             loss = F.cross_entropy(head(model(x), y), y)
