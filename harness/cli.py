@@ -169,7 +169,12 @@ def run(
     executor: str = typer.Option(
         "local", help="Where trials run: local (process per trial) or ray."
     ),
-    jobs: int = typer.Option(1, min=1, help="Trials running at the same time."),
+    jobs: int | None = typer.Option(
+        None,
+        min=1,
+        help="Trials running at the same time (local default 1; ray default: what the "
+        "cluster's free CPUs/GPUs can hold).",
+    ),
     device: str | None = typer.Option(
         None, help="Override train.device for every trial: auto, cpu or cuda."
     ),

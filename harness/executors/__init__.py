@@ -33,12 +33,13 @@ __all__ = [
 def get_executor(name: str, **options: Any) -> Executor:
     """Build the executor called `name` (one of `EXECUTORS`).
 
-    Options: `jobs` (parallel trials), `in_process` (local only: run trials in this process).
+    Options: `jobs` (parallel trials; None = the executor's default), `in_process` (local only: run trials in this process).
     The Ray executor is expected at `harness.executors.ray_executor.RayExecutor(jobs=...)`.
     """
     if name == "local":
         from harness.executors.local import LocalExecutor
 
+        options["jobs"] = options.get("jobs") or 1
         return LocalExecutor(**options)
     if name == "ray":
         from harness.executors.ray_executor import RayExecutor
