@@ -14,7 +14,7 @@ the anchor's identity is never a negative (labels are compared), nor is it used 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -39,7 +39,10 @@ class Candidates:
     """Detached, L2-normalised batch ``(B, d)`` and memory ``(M, d)`` with int64 labels.
 
     ``use_batch=False`` keeps the batch as anchors/positives but not as negatives (CB-HEM with
-    the in-batch term off).
+    the in-batch term off). ``memory_mask (M,)`` bool drops memory rows from every search (False
+    = never a negative). ``memory_domains (M,)`` integer is each memory row's image domain
+    (IvS: 0 = ID photo, 1 = spot photo, -1 = unknown); only :class:`BidirectionalMiner` reads it,
+    through :meth:`for_anchor_domain`.
     """
 
     batch: Tensor
@@ -49,11 +52,23 @@ class Candidates:
     use_batch: bool = True
     chunk: int | None = None
     memory_mask: Tensor | None = None
+    memory_domains: Tensor | None = None
 
     @staticmethod
     def in_batch(batch: Tensor, labels: Tensor) -> Candidates:
         empty = batch.new_zeros(0, batch.shape[1])
         return Candidates(batch, labels, empty, labels.new_zeros(0))
+
+    def for_anchor_domain(self, domain: int) -> Candidates:
+        """These candidates with the memory rows of ``domain`` masked out (rows of unknown
+        domain, -1, stay): what anchors of ``domain`` may mine when only cross-domain pairs are
+        compared, as in IvS verification (ID photo against spot photo)."""
+        if self.memory_domains is None:
+            return self
+        other = self.memory_domains != domain
+        return replace(
+            self, memory_mask=other if self.memory_mask is None else other & self.memory_mask
+        )
 
     @property
     def num_batch(self) -> int:
@@ -168,11 +183,21 @@ def hardest_positives(emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def occurrence_rank(labels: Tensor) -> Tensor:
     """``(B,)``: how many earlier rows share each row's label (0 for the first occurrence).
 
-    The IvS convention of :class:`BidirectionalMiner`: within an identity the first row is the
-    ID photo (domain 0), the second the spot photo (domain 1).
+    O(B log B): a stable sort groups equal labels in row order, so a row's rank is its position
+    within its group.
     """
-    same = labels[:, None] == labels[None, :]
-    return torch.tril(same, diagonal=-1).sum(dim=1)
+    order = torch.sort(labels, stable=True).indices
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    group_start = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(labels.shape[0], device=labels.device) - group_start
+    return rank
+
+
+def ivs_domains(labels: Tensor) -> Tensor:
+    """``(B,) int8`` IvS domain of each batch row by the order rule: the first row of an
+    identity is its ID photo (domain 0), any later row a spot photo (domain 1)."""
+    return (occurrence_rank(labels) > 0).to(torch.int8)
 
 
 def _triples(anchor: Tensor, positive: Tensor, negative: Tensor) -> Mined:
@@ -257,19 +282,21 @@ class BidirectionalMiner:
     """IvS rule (DocFace+ MPS style): ID anchors take their hardest negative among spot photos,
     spot anchors among ID photos; the positive is the pair partner.
 
-    Domain of a batch row = :func:`occurrence_rank` (first row of an identity = ID photo).
-    Memory rows carry no domain, so every memory entry of another identity is a candidate for
-    both directions.
+    Domain of a batch row = :func:`ivs_domains` (first row of an identity = ID photo). Memory rows
+    are offered by :meth:`Candidates.for_anchor_domain`: rows of the anchor's own domain are never
+    candidates; rows of unknown domain (-1, or no ``memory_domains``) are candidates for both
+    directions.
     """
 
     def __call__(self, cands: Candidates) -> Mined:
         _, pos = hardest_positives(cands.batch, cands.batch_labels)
-        is_id = occurrence_rank(cands.batch_labels) == 0
+        domains = ivs_domains(cands.batch_labels)
         neg = torch.full_like(pos, -1)
-        for anchors_mask in (is_id, ~is_id):
-            anchors = anchors_mask.nonzero(as_tuple=True)[0]
-            other = (~anchors_mask).nonzero(as_tuple=True)[0]
-            _, n = cands.hardest(
+        for domain in (0, 1):
+            is_anchor = domains == domain
+            anchors = is_anchor.nonzero(as_tuple=True)[0]
+            other = (~is_anchor).nonzero(as_tuple=True)[0]
+            _, n = cands.for_anchor_domain(domain).hardest(
                 cands.batch[anchors], cands.batch_labels[anchors], 1, batch_rows=other
             )
             neg[anchors] = n[:, 0]

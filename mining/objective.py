@@ -13,6 +13,11 @@ negative is a batch row and ``memory_weight`` (w) when it came from the memory, 
 ``loss = L_batch + w·L_mem`` with both parts sharing the reduction's denominator. On equal
 similarity the in-batch negative wins (it carries a gradient). With ``in_batch=False`` only
 memory negatives are used while the memory is active (in-batch mining during warm-up).
+
+Every enqueued row also stores its IvS domain by the order rule of the bidirectional miner
+(:func:`mining.miners.ivs_domains`: first row of an identity in the enqueued batch = ID photo),
+so that the ``bidirectional`` miner offers an ID anchor only spot photos from the memory too, and
+a spot anchor only ID photos. Other miners ignore domains.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from .losses import LOSSES, TermSims
 from .memory import CrossBatchMemory
-from .miners import MINERS, Candidates
+from .miners import MINERS, Candidates, ivs_domains
 
 _REDUCTIONS = ("mean_nonzero", "mean_all")
 _ENQUEUE = ("before", "after")
@@ -155,7 +160,7 @@ class MetricObjective:
             self.memory = CrossBatchMemory(
                 self.memory_size, emb.shape[-1], dtype=self.memory_dtype, device=emb.device
             )
-        self.memory.enqueue(F.normalize(emb.detach(), dim=1), labels)
+        self.memory.enqueue(F.normalize(emb.detach(), dim=1), labels, ivs_domains(labels))
 
     def memory_active(self) -> bool:
         return self.memory is not None and len(self.memory) > 0 and self.step >= self.warmup_steps
@@ -169,9 +174,10 @@ class MetricObjective:
             )
         f = F.normalize(emb, dim=1)
         num_batch = f.shape[0]
-        mem_mask = None
+        mem_mask = mem_domains = None
         if self.memory_active():
             mem, mem_labels, mem_ages = self.memory.get(ordered=False)
+            mem_domains = self.memory.get_domains(ordered=False)
             if self.enqueue == "before":
                 # Rows of age 0 are stale copies of this very batch: never mine them (they would
                 # duplicate in-batch candidates without their gradient).
@@ -190,6 +196,7 @@ class MetricObjective:
             use_batch=self.in_batch or minable == 0,
             chunk=self.chunk,
             memory_mask=mem_mask,
+            memory_domains=mem_domains,
         )
         if self.miner_name == "random":
             self.miner.seed = self.seed * 1_000_003 + self.step  # same draw on every call of a step
