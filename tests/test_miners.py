@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given
@@ -15,13 +17,15 @@ from mining.miners import (
     SemiHardMiner,
     ThresholdMiner,
     TopKMiner,
+    ivs_domains,
     occurrence_rank,
 )
 
 
 @st.composite
 def candidates(draw):
-    """A batch with label collisions (pairs and singletons) and a memory sharing some labels."""
+    """A batch with label collisions (pairs and singletons) and a memory sharing some labels,
+    optionally with masked-out memory rows and memory domains (0 ID, 1 spot, -1 unknown)."""
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     b, m, d = draw(st.integers(1, 10)), draw(st.integers(0, 25)), draw(st.integers(2, 5))
@@ -36,6 +40,8 @@ def candidates(draw):
         torch.randint(0, n_labels, (m,), generator=gen),
         use_batch=draw(st.booleans()),
         chunk=draw(st.one_of(st.none(), st.integers(1, 8))),
+        memory_mask=torch.rand(m, generator=gen) < 0.8 if draw(st.booleans()) else None,
+        memory_domains=torch.randint(-1, 2, (m,), generator=gen) if draw(st.booleans()) else None,
     )
 
 
@@ -44,7 +50,11 @@ def _all_cands(c: Candidates):
     out = []
     if c.use_batch:
         out += [(j, c.batch[j], int(c.batch_labels[j])) for j in range(c.num_batch)]
-    out += [(c.num_batch + j, c.memory[j], int(c.memory_labels[j])) for j in range(len(c.memory))]
+    out += [
+        (c.num_batch + j, c.memory[j], int(c.memory_labels[j]))
+        for j in range(len(c.memory))
+        if c.memory_mask is None or bool(c.memory_mask[j])
+    ]
     return out
 
 
@@ -141,17 +151,48 @@ def test_random_is_admissible_distinct_and_reproducible(c, k):
 
 @given(candidates())
 def test_bidirectional_mines_the_other_domain(c):
-    domain = occurrence_rank(c.batch_labels)
+    """ID anchors (first row of an identity) mine spot rows, spot anchors ID rows, from the batch
+    and from the memory; memory rows of unknown domain are candidates for both."""
+    domain = occurrence_rank(c.batch_labels).clamp(max=1)
     mined = BidirectionalMiner()(c)
     _assert_valid(c, mined)
     got = {int(a): _sim(c, a, n) for a, n in zip(mined.anchor, mined.negative, strict=True)}
+
+    def cand_domain(j):
+        if j < c.num_batch:
+            return int(domain[j])
+        return -1 if c.memory_domains is None else int(c.memory_domains[j - c.num_batch])
+
     for i in range(c.num_batch):
-        is_id = bool(domain[i] == 0)
-        other = lambda j: j >= c.num_batch or bool(domain[j] == 0) != is_id  # noqa: E731, B023
+        other = lambda j: cand_domain(j) in (-1, 1 - int(domain[i]))  # noqa: E731, B023
         negs = _ref_negatives(c, i, allowed=other)
         if _ref_positive(c, i) is not None and negs:
             assert abs(got.pop(i) - negs[0][0]) < 1e-12
     assert not got
+    for a, n in zip(mined.anchor, mined.negative, strict=True):
+        assert cand_domain(int(n)) != int(domain[a])
+
+
+@given(candidates())
+def test_other_miners_ignore_memory_domains(c):
+    plain = replace(c, memory_domains=None)
+    for miner in (BatchHardMiner(), TopKMiner(2), SemiHardMiner(), ThresholdMiner(0.3)):
+        m, pm = miner(c), miner(plain)
+        for got, want in (
+            (m.anchor, pm.anchor),
+            (m.positive, pm.positive),
+            (m.negative, pm.negative),
+        ):
+            assert torch.equal(got, want)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 40), st.integers(1, 10))
+def test_occurrence_rank_and_ivs_domains_match_loops(seed, b, n_labels):
+    labels = torch.randint(0, n_labels, (b,), generator=torch.Generator().manual_seed(seed))
+    ref = [sum(int(labels[j]) == int(labels[i]) for j in range(i)) for i in range(b)]
+    assert occurrence_rank(labels).tolist() == ref
+    domains = ivs_domains(labels)
+    assert domains.dtype == torch.int8 and domains.tolist() == [min(r, 1) for r in ref]
 
 
 def test_occurrence_rank():
@@ -162,9 +203,7 @@ def test_occurrence_rank():
 def test_permuting_the_batch_permutes_the_result(c, seed):
     perm = torch.randperm(c.num_batch, generator=torch.Generator().manual_seed(seed))
     inv = torch.argsort(perm)
-    pc = Candidates(
-        c.batch[perm], c.batch_labels[perm], c.memory, c.memory_labels, c.use_batch, c.chunk
-    )
+    pc = replace(c, batch=c.batch[perm], batch_labels=c.batch_labels[perm])
     for miner in (BatchHardMiner(), TopKMiner(2), SemiHardMiner(), ThresholdMiner(0.3)):
         m, pm = miner(c), miner(pc)
         # Map the permuted result back to original batch rows (memory indices are unchanged).
