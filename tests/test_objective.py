@@ -108,9 +108,148 @@ def test_batch_hard_triplet_matches_reference(
     assert math.isclose(stats["loss_batch"] + weight * stats["loss_mem"], float(loss), abs_tol=1e-9)
 
 
+def _ivs_domains_loop(y):
+    """Order rule in plain loops: the first row of an identity is its ID photo (0), later rows
+    spot photos (1)."""
+    return [0 if int(y[i]) not in y[:i].tolist() else 1 for i in range(len(y))]
+
+
+def _reference_bidirectional(
+    x, y, mem, mem_y, mem_dom, *, loss, margin, weight, reduction, in_batch
+):
+    """Bidirectional triplet / MPS over batch ∪ memory, in plain loops: an anchor's negatives are
+    rows of the other domain (memory rows of unknown domain -1 too); MPS keeps per positive pair
+    the larger of its two terms. Negative ties prefer the batch row."""
+    f = F.normalize(x, dim=1)
+    dom = _ivs_domains_loop(y)
+    value = lambda t: float(t.detach())  # noqa: E731
+    best = {}  # positive pair -> (term, weight) of its kept term(s)
+    terms = []
+    for i in range(len(y)):
+        pos = [(f[i] @ f[j], j) for j in range(len(y)) if j != i and y[j] == y[i]]
+        negs = [
+            (f[i] @ f[j], 1.0)
+            for j in range(len(y))
+            if in_batch and y[j] != y[i] and dom[j] != dom[i]
+        ]
+        negs += [
+            (f[i] @ mem[j], weight)
+            for j in range(len(mem_y))
+            if mem_y[j] != y[i] and mem_dom[j] in (-1, 1 - dom[i])
+        ]
+        if not pos or not negs:
+            continue
+        s_ap, p = min(pos, key=lambda t: value(t[0]))
+        s_an, w = max(negs, key=lambda t: value(t[0]))
+        term = (torch.relu(s_an - s_ap + margin), w)
+        if loss == "triplet":
+            terms.append(term)
+        else:
+            key = (min(i, p), max(i, p))
+            if key not in best or value(term[0]) > value(best[key][0]):
+                best[key] = term
+    terms += best.values()
+    count = len(terms) if reduction == "mean_all" else sum(value(t) > 0 for t, _ in terms)
+    if count == 0:
+        return x.sum() * 0.0
+    return sum(t * w for t, w in terms) / count
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    history=st.integers(0, 4),
+    memory_size=st.integers(1, 20),
+    loss=st.sampled_from(["triplet", "mps"]),
+    weight=st.sampled_from([0.0, 0.5, 1.0]),
+    reduction=st.sampled_from(["mean_nonzero", "mean_all"]),
+    in_batch=st.booleans(),
+    enqueue=st.sampled_from(["before", "after"]),
+)
+def test_bidirectional_with_memory_mines_only_the_other_domain(
+    seed, history, memory_size, loss, weight, reduction, in_batch, enqueue
+):
+    gen = torch.Generator().manual_seed(seed)
+    obj = MetricObjective(
+        "bidirectional",
+        loss,
+        margin=0.3,
+        memory_size=memory_size,
+        memory_weight=weight,
+        reduction=reduction,
+        in_batch=in_batch,
+        enqueue=enqueue,
+        memory_dtype=torch.float64,
+        chunk=3,
+    )
+    enqueued = []  # domain of every row written to the memory, by the loop rule
+    for step in range(history):
+        x, y = _ivs_batch(gen, 3, 4, offset=step)
+        perm = torch.randperm(6, generator=gen)  # which row of a pair comes first varies
+        x, y = x[perm], y[perm]
+        obj.before_loss(x, y)
+        obj.after_loss(x, y)
+        enqueued += _ivs_domains_loop(y)
+    x, y = _ivs_batch(gen, 4, 4)
+    obj.before_loss(x, y)
+    if enqueue == "before":
+        enqueued += _ivs_domains_loop(y)
+    if obj.memory_active():
+        mem, mem_y, ages = obj.memory.get()
+        mem_dom = obj.memory.get_domains().tolist()
+        assert mem_dom == enqueued[len(enqueued) - len(mem_dom) :]
+        if enqueue == "before":  # this batch's own (stale) copies are never mined
+            keep = ages > 0
+            mem, mem_y = mem[keep], mem_y[keep]
+            mem_dom = [d for d, k in zip(mem_dom, keep.tolist(), strict=True) if k]
+    else:
+        mem, mem_y, mem_dom = x.new_zeros(0, 4), y[:0], []
+    loss_value, grad = _grad(lambda t: obj(t, y), x)
+    ref_loss, ref_grad = _grad(
+        lambda t: _reference_bidirectional(
+            t,
+            y,
+            mem,
+            mem_y,
+            mem_dom,
+            loss=loss,
+            margin=0.3,
+            weight=weight,
+            reduction=reduction,
+            in_batch=in_batch or mem.shape[0] == 0,  # in-batch while nothing is minable
+        ),
+        x,
+    )
+    assert torch.allclose(loss_value, ref_loss, atol=1e-12)
+    assert torch.allclose(grad, ref_grad, atol=1e-12)
+
+
+def test_bidirectional_skips_a_same_domain_look_alike_in_memory():
+    """The IvS collapse case: an ID anchor's most similar memory row is another identity's ID
+    photo; it must mine that identity's (less similar) spot photo instead."""
+    e = torch.eye(3, dtype=torch.float64)
+    obj = MetricObjective(
+        "bidirectional", memory_size=4, in_batch=False, reduction="mean_all", memory_dtype=e.dtype
+    )
+    id_9, spot_9 = e[0] + 0.1 * e[1], e[0] + e[1]  # identity 9 in memory: ID photo, spot photo
+    obj.after_loss(torch.stack([id_9, spot_9]), torch.tensor([9, 9]))
+    assert obj.memory.get_domains().tolist() == [0, 1]
+    x = torch.stack([e[0], e[0] + 0.5 * e[2]])  # identity 1: ID photo, spot photo
+    id_1, spot_1 = F.normalize(x, dim=1)
+    id_9, spot_9 = F.normalize(id_9, dim=0), F.normalize(spot_9, dim=0)
+    assert id_1 @ id_9 > id_1 @ spot_9  # the same-domain look-alike is the nearer one
+    loss = obj(x, torch.tensor([1, 1]))
+    expected = (
+        torch.relu(id_1 @ spot_9 - id_1 @ spot_1 + 0.2)
+        + torch.relu(spot_1 @ id_9 - id_1 @ spot_1 + 0.2)
+    ) / 2
+    assert math.isclose(float(loss), float(expected), abs_tol=1e-12)
+    assert obj.last_stats["memory_share"] == 1.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-# Not "bidirectional": memory rows carry no domain, so its memory term also sees same-domain rows.
-@pytest.mark.parametrize("miner", ["batch_hard", "semi_hard", "top_k", "threshold"])
+@pytest.mark.parametrize(
+    "miner", ["batch_hard", "semi_hard", "top_k", "threshold", "bidirectional"]
+)
 def test_memory_of_one_batch_without_history_reduces_to_in_batch(dtype, miner):
     gen = torch.Generator().manual_seed(0)
     x, y = _ivs_batch(gen, 8, 6, dtype=dtype)
@@ -226,10 +365,11 @@ def test_quadruplet_second_negative_matches_brute_force():
 
 def test_state_dict_roundtrip():
     obj = MetricObjective(memory_size=5)
-    obj.after_loss(torch.randn(4, 3), torch.arange(4))
+    obj.after_loss(torch.randn(4, 3), torch.tensor([3, 5, 3, 5]))
     other = MetricObjective(memory_size=5)
     other.load_state_dict(obj.state_dict())
     assert other.step == 1 and torch.equal(other.memory.get()[0], obj.memory.get()[0])
+    assert other.memory.get_domains().tolist() == [0, 0, 1, 1]  # first occurrence = ID photo
 
 
 @pytest.mark.parametrize(
