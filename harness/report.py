@@ -11,6 +11,7 @@ RSS on CPU: whichever the trial has), `samples_per_s`, `eer`, `auc`.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ _OPTIONAL_KEYS = (
     "data_kind",
     "model_kind",
     "inject",
+    "variant",  # see with_variant
 )
 # two-sided 95% Student t quantiles by degrees of freedom (df > 30: normal 1.96)
 _T975 = (
@@ -99,8 +101,27 @@ def group_keys(frame: pl.DataFrame) -> list[str]:
     return [*AXES, *extra]
 
 
+def with_variant(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add a `variant` column ("data.imbalance=1.5 head.s=16") naming, per row, the values of
+    the `params` keys that vary within the frame; absent when none vary. Without it, trials that
+    differ only in such a parameter would be averaged together."""
+    if "params" not in frame.columns:
+        return frame
+    dicts = [json.loads(p) if p else {} for p in frame["params"]]
+    keys = sorted(
+        k
+        for k in {k for d in dicts for k in d}
+        if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1
+    )
+    if not keys:
+        return frame
+    labels = [" ".join(f"{k}={d.get(k)}" for k in keys) for d in dicts]
+    return frame.with_columns(pl.Series("variant", labels, dtype=pl.String))
+
+
 def aggregate(frame: pl.DataFrame, far: float | None = None) -> pl.DataFrame:
     """One row per configuration: keys, `n`, `<metric>_mean`, `<metric>_ci95`, `<metric>_delta`."""
+    frame = with_variant(frame)
     keys = group_keys(frame)
     metrics = metric_names(frame, far)
     ok = frame.filter(pl.col("status") == "ok").with_columns(

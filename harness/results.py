@@ -60,6 +60,7 @@ ROW_SCHEMA: dict[str, pl.DataType] = {
     "embedding": pl.Int64(),
     "device_requested": pl.String(),
     "inject": pl.String(),
+    "params": pl.String(),
     "status": pl.String(),
     "error": pl.String(),
     "steps": pl.Int64(),

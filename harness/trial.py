@@ -106,7 +106,34 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
         "embedding": config["model"]["embedding"],
         "device_requested": train["device"],
         "inject": config["debug"]["inject"],
+        "params": params_json(config),
     }
+
+
+# resolved-config leaves that have a column of their own, or that do not change what is trained
+_NOT_PARAMS = {
+    "data.kind", "model.kind", "model.embedding", "train.steps", "train.batch", "train.lr",
+    "train.device", "train.log_every", "train.nvml_interval_s", "train.threads",
+    "method.miner", "method.loss", "method.margin", "method.memory", "method.memory_weight",
+    "method.plb", "method.virtual_batch", "method.head",
+}  # fmt: skip
+
+
+def params_json(config: dict[str, Any]) -> str:
+    """Every other parameter of the trial (data, model, train, method options, head/objective
+    params) as canonical JSON of dotted keys, e.g. `{"data.imbalance": 1.5, "head.s": 16.0}`.
+
+    `show` and `plot` use it to tell apart configurations that differ only in such a parameter
+    (a sweep over `data.imbalance`, say), which would otherwise share a row."""
+    flat: dict[str, Any] = {}
+    for section in ("data", "model", "train", "method"):
+        for key, value in config[section].items():
+            if key in ("head_params", "objective_params"):
+                prefix = "head" if key == "head_params" else "objective"
+                flat.update({f"{prefix}.{k}": v for k, v in value.items()})
+            elif f"{section}.{key}" not in _NOT_PARAMS:
+                flat[f"{section}.{key}"] = value
+    return json.dumps(flat, sort_keys=True, separators=(",", ":"))
 
 
 def method_name(config: dict[str, Any]) -> str:

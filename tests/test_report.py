@@ -105,3 +105,28 @@ def test_plot_writes_pngs(tmp_path):
         ["accuracy_vs_memory.png", "peak_memory_vs_virtual_batch.png", "throughput_vs_memory.png"]
     )
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_configs_differing_only_in_a_param_are_not_averaged_together():
+    """A sweep over e.g. data.imbalance has no column of its own: `params` must keep the two
+    configurations apart in the aggregate (they were once averaged into one row)."""
+    import polars as pl
+
+    from harness.report import aggregate
+
+    rows = []
+    for imbalance, tar in ((0.0, 0.2), (1.5, 0.6)):
+        for seed in range(2):
+            rows.append(
+                {
+                    "method": "head:hsm", "memory": 0, "virtual_batch": 64, "status": "ok",
+                    "is_baseline": False, "seed": seed, "tar@1e-3": tar + 0.01 * seed,
+                    "peak_alloc_mib": None, "peak_rss_mib": 100.0, "samples_per_s": 1.0,
+                    "eer": 0.1, "auc": 0.9,
+                    "params": f'{{"data.identities":100,"data.imbalance":{imbalance}}}',
+                }
+            )  # fmt: skip
+    agg = aggregate(pl.DataFrame(rows), 1e-3)
+    assert agg.height == 2
+    assert sorted(agg["variant"].to_list()) == ["data.imbalance=0.0", "data.imbalance=1.5"]
+    assert sorted(agg["tar@1e-3_mean"].round(3).to_list()) == [0.205, 0.605]
