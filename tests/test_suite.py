@@ -62,7 +62,7 @@ def suite_of(**changes) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("name", "count"), [("smoke", 5), ("ivs_ablation", 48), ("heads", 48), ("plb_memory", 10)]
+    ("name", "count"), [("smoke", 5), ("ivs_ablation", 66), ("heads", 48), ("plb_memory", 10)]
 )
 def test_shipped_suites_validate(name, count):
     s = parse_suite((SUITES / f"{name}.toml").read_text(), path=name)
