@@ -195,68 +195,98 @@ def ivs_verification(
     spot_emb: torch.Tensor,
     fars: Sequence[float],
     *,
+    id_labels: torch.Tensor | None = None,
+    spot_labels: torch.Tensor | None = None,
+    symmetric: bool = False,
     block: int = 1024,
     normalize: bool = True,
 ) -> dict[str, float]:
-    """All-vs-all ID×spot verification without materialising the n² score matrix.
+    """All-vs-all ID×spot verification without materialising the n×m score matrix.
 
-    id_emb, spot_emb: (n, d), row i of each = identity i. Genuine scores S_ii (n of them),
-    impostor scores S_ij, i ≠ j (n(n−1)), S = cosine (rows L2-normalised when `normalize`; with
-    `normalize=False` the raw dot product is the score). Returns
-    `{far_key(f): TAR@f for f in fars, "eer": ..., "auc": ...}` with exactly the values that
-    `tar_at_far`/`eer`/`auc` give on the dense list of n² scores (up to float32 GEMM rounding).
+    id_emb (n, d), spot_emb (m, d); S = cosine (rows L2-normalised when `normalize`; with
+    `normalize=False` the raw dot product is the score). Which pairs (i, j) count:
+    - no labels (n = m): row i of each = identity i; genuine S_ii (n), impostor S_ij, i ≠ j
+      (n(n−1)).
+    - `id_labels` (n,), `spot_labels` (m,) int: genuine = id_labels[i] == spot_labels[j],
+      impostor = the other n·m − n_gen pairs (several photos per identity on either side).
+    - `symmetric=True` (needs labels; id and spot are the same n samples, equal labels; the
+      image-folder "all_pairs" protocol): only the unordered pairs {i, j}, i < j, count, each
+      once — a sample is never paired with itself, and (j, i) is not a second pair.
+    Returns `{far_key(f): TAR@f for f in fars, "eer": ..., "auc": ...}` with exactly the values
+    that `tar_at_far`/`eer`/`auc` give on the dense list of those pairs' scores (up to float32
+    GEMM rounding).
 
-    S is computed in row blocks of `block` ID rows (block×n floats each). Per block:
-    - TAR@FAR: only the largest k = ⌊max(fars)·n(n−1)⌋+1 impostor scores are kept (a running
+    Genuine scores are computed first from the genuine (i, j) index list (labels sorted and
+    matched, O(n_gen) memory). S is then computed in row blocks of `block` ID rows (block×m
+    floats each; symmetric: only columns ≥ the block's first row); in each block the
+    non-impostor entries (genuine pairs, and for `symmetric` the diagonal and lower triangle) are
+    set to −inf and so drop out of both statistics:
+    - TAR@FAR: only the largest k = ⌊max(fars)·n_imp⌋+1 impostor scores are kept (a running
       top-k: a block's scores below the current k-th largest are discarded before merging).
-      TAR@f = #{genuine > v_f}/n with v_f the (⌊f·n(n−1)⌋+1)-th largest impostor.
+      TAR@f = #{genuine > v_f}/n_gen with v_f the (⌊f·n_imp⌋+1)-th largest impostor.
     - EER/AUC: each impostor is counted into 2u+1 bins against the u sorted distinct genuine
-      scores (strictly between two of them, or equal to one) with searchsorted + bincount. These
-      counts give the exact ROC at every genuine score and just above it; the omitted vertices
-      (thresholds at impostor scores only) lie on horizontal ROC segments, so the polyline —
-      hence the trapezoidal AUC and the EER crossing — is unchanged.
-    Peak extra memory: O(block·n) for one block of scores and its bin indices, plus O(k).
+      scores (strictly between two of them, or equal to one) with searchsorted + bincount (the
+      −inf entries all land in bin 0 and are subtracted). These counts give the exact ROC at
+      every genuine score and just above it; the omitted vertices (thresholds at impostor scores
+      only) lie on horizontal ROC segments, so the polyline — hence the trapezoidal AUC and the
+      EER crossing — is unchanged.
+    Peak extra memory: O(block·m) for one block of scores and its bin indices, plus O(k + n_gen).
     """
-    if id_emb.ndim != 2 or id_emb.shape != spot_emb.shape:
-        raise ValueError(
-            f"id_emb and spot_emb must both be (n, d) with the same shape; got "
-            f"{tuple(id_emb.shape)} and {tuple(spot_emb.shape)}"
-        )
-    n = id_emb.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 identities for impostor pairs; got n={n}")
+    a, b = _checked_embeddings(id_emb, spot_emb, id_labels, spot_labels, normalize)
     if block < 1:
         raise ValueError(f"block must be ≥ 1; got {block}")
     fars = [float(f) for f in fars]
     for f in fars:
         if not 0.0 < f <= 1.0:
             raise ValueError(f"each far must be in (0, 1]; got {f!r}")
-    a, b = id_emb.detach().float().cpu(), spot_emb.detach().float().cpu()
-    if normalize:
-        a = torch.nn.functional.normalize(a, dim=1)
-        b = torch.nn.functional.normalize(b, dim=1)
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ValueError("embeddings contain NaN or inf")
+    n, m = a.shape[0], b.shape[0]
+    if id_labels is None:
+        if symmetric:
+            raise ValueError("symmetric=True needs id_labels and spot_labels")
+        gen_i = gen_j = torch.arange(n)
+    else:
+        id_labels, spot_labels = id_labels.cpu().long(), spot_labels.cpu().long()
+        if symmetric and not torch.equal(id_labels, spot_labels):
+            raise ValueError(
+                "symmetric=True needs equal id_labels and spot_labels (one sample set)"
+            )
+        gen_i, gen_j = _genuine_pairs(id_labels, spot_labels, symmetric)
+    n_pairs = n * (n - 1) // 2 if symmetric else n * m
+    n_imp = n_pairs - gen_i.numel()
+    if gen_i.numel() == 0 or n_imp == 0:
+        raise ValueError(
+            f"labels give {gen_i.numel()} genuine and {n_imp} impostor pairs; need ≥ 1 of each"
+        )
 
-    genuine = (a * b).sum(dim=1)
-    n_imp = n * (n - 1)
+    genuine = torch.cat(
+        [
+            (a[gen_i[k : k + block]] * b[gen_j[k : k + block]]).sum(dim=1)
+            for k in range(0, gen_i.numel(), block)
+        ]
+    )
     defined = [f for f in fars if n_imp >= min_impostors(f)]
     keep = min(n_imp, max((math.floor(f * n_imp * (1 + 1e-12)) + 1 for f in defined), default=0))
     top = torch.empty(0)
     uniq = torch.unique(genuine)  # sorted ascending
     bins = torch.zeros(2 * uniq.numel() + 1, dtype=torch.int64)
+    # gen_i is ascending: a block's genuine pairs are one slice of the list
+    bounds = torch.searchsorted(gen_i, torch.arange(0, n + block, block).clamp(max=n)).tolist()
 
-    for start in range(0, n, block):
+    for k, start in enumerate(range(0, n, block)):
         stop = min(start + block, n)
-        scores = a[start:stop] @ b.T
-        rows = torch.arange(stop - start)
+        col0 = start if symmetric else 0
+        scores = a[start:stop] @ b[col0:].T
+        drop_r = gen_i[bounds[k] : bounds[k + 1]] - start
+        drop_c = gen_j[bounds[k] : bounds[k + 1]] - col0
+        if symmetric:  # the diagonal and below: self-pairs and mirrored duplicates
+            tril = torch.tril_indices(stop - start, stop - start)
+            drop_r, drop_c = torch.cat([drop_r, tril[0]]), torch.cat([drop_c, tril[1]])
+        scores[drop_r, drop_c] = -math.inf
         flat = scores.view(-1)
-        # bin the whole block, then take the block's own genuine pairs back out (cheaper than
-        # copying the impostors out); they are excluded from the top-k by −inf
-        diagonal = scores[rows, rows + start]
-        bins += _bin_counts(flat, uniq) - _bin_counts(diagonal, uniq)
+        # −inf is below every genuine score: the dropped entries all sit in bin 0
+        bins += _bin_counts(flat, uniq)
+        bins[0] -= drop_r.numel()
         if keep:
-            scores[rows, rows + start] = -math.inf
             cand = flat[flat > top[-1]] if top.numel() == keep else flat
             top = torch.cat([top, cand]).topk(min(keep, top.numel() + cand.numel())).values
     out: dict[str, float] = {}
@@ -272,6 +302,67 @@ def ivs_verification(
     out["eer"] = _eer_from_roc(far, tar)
     out["auc"] = _auc_from_roc(far, tar)
     return out
+
+
+def _checked_embeddings(
+    id_emb: torch.Tensor,
+    spot_emb: torch.Tensor,
+    id_labels: torch.Tensor | None,
+    spot_labels: torch.Tensor | None,
+    normalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes and labels; float32 CPU copies, L2-normalised when `normalize`."""
+    if (id_labels is None) != (spot_labels is None):
+        raise ValueError("give both id_labels and spot_labels, or neither")
+    if id_labels is None:
+        if id_emb.ndim != 2 or id_emb.shape != spot_emb.shape:
+            raise ValueError(
+                f"id_emb and spot_emb must both be (n, d) with the same shape; got "
+                f"{tuple(id_emb.shape)} and {tuple(spot_emb.shape)}"
+            )
+        if id_emb.shape[0] < 2:
+            raise ValueError(
+                f"need at least 2 identities for impostor pairs; got n={id_emb.shape[0]}"
+            )
+    else:
+        if id_emb.ndim != 2 or spot_emb.ndim != 2 or id_emb.shape[1] != spot_emb.shape[1]:
+            raise ValueError(
+                f"id_emb (n, d) and spot_emb (m, d) must share d; got {tuple(id_emb.shape)} "
+                f"and {tuple(spot_emb.shape)}"
+            )
+        for name, lab, emb in (
+            ("id_labels", id_labels, id_emb),
+            ("spot_labels", spot_labels, spot_emb),
+        ):
+            if lab.shape != (emb.shape[0],) or lab.is_floating_point() or lab.is_complex():
+                raise ValueError(
+                    f"{name} must be an integer tensor of shape ({emb.shape[0]},); got "
+                    f"{lab.dtype} {tuple(lab.shape)}"
+                )
+    a, b = id_emb.detach().float().cpu(), spot_emb.detach().float().cpu()
+    if normalize:
+        a = torch.nn.functional.normalize(a, dim=1)
+        b = torch.nn.functional.normalize(b, dim=1)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("embeddings contain NaN or inf")
+    return a, b
+
+
+def _genuine_pairs(
+    id_labels: torch.Tensor, spot_labels: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors (i, j), i ascending, of every pair with id_labels[i] == spot_labels[j]
+    (and i < j when `symmetric`). Size Σ_label n_label·m_label, never n·m."""
+    order = torch.argsort(spot_labels, stable=True)
+    lo = torch.searchsorted(spot_labels[order], id_labels)
+    count = torch.searchsorted(spot_labels[order], id_labels, right=True) - lo
+    i = torch.repeat_interleave(torch.arange(id_labels.numel()), count)
+    # rank of each pair inside its ID row's run of matching spot rows
+    rank = torch.arange(i.numel()) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    j = order[lo[i] + rank]
+    if symmetric:
+        i, j = i[j > i], j[j > i]
+    return i, j
 
 
 def _bin_counts(imp: torch.Tensor, uniq: torch.Tensor) -> torch.Tensor:

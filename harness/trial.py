@@ -293,7 +293,17 @@ def _run(
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     deadline_check()
-    out.update(ivs_verification(*_embed_test(model, data, device), config["eval"]["far"]))
+    id_emb, spot_emb = _embed_test(model, data, device)
+    out.update(
+        ivs_verification(
+            id_emb,
+            spot_emb,
+            config["eval"]["far"],
+            id_labels=data.test_id_labels,
+            spot_labels=data.test_spot_labels,
+            symmetric=data.test_symmetric,
+        )
+    )
     return out, curves
 
 
@@ -311,7 +321,9 @@ def _embed_test(
         ]
         return torch.cat(parts)
 
-    return embed(data.test_id_x), embed(data.test_spot_x)
+    id_emb = embed(data.test_id_x)
+    # one sample set on both sides (all_pairs protocol): embed it once
+    return id_emb, id_emb if data.test_spot_x is data.test_id_x else embed(data.test_spot_x)
 
 
 def _empty_cuda_cache() -> None:

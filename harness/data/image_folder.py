@@ -4,9 +4,15 @@ Layout: `path/<identity>/<image>.{png,jpg,jpeg,pgm}`, any number of images per i
 identities in sorted directory-name order, images in sorted file-name order.
 
 Keys (defaults in DEFAULTS):
-- `pairing`: which image is the ID photo (domain 0); every other image is a spot photo.
-  "first" = the first image by file name; "pattern" = the first image whose file name matches
-  the regular expression `id_pattern` (an identity without one is skipped, counted).
+- `pairing`: how test pairs are formed and which training image is the ID photo (domain 0;
+  every other image is a spot photo).
+  "first" = the first image by file name is the ID photo; a test identity gives one pair (its
+  ID photo, its first spot photo). "pattern" = as "first" with the first image whose file name
+  matches the regular expression `id_pattern` as ID photo (an identity without one is skipped,
+  counted). "all_pairs" = every unordered pair of distinct test images is a verification pair:
+  genuine when both belong to one identity (Σ k(k−1)/2 for identities with k images), impostor
+  otherwise; no image is paired with itself (`IvSData.test_symmetric`, labelled test rows). In
+  training the first image by file name is the ID photo, as with "first".
 - `image_size`, `channels` (1 = grey, 3 = RGB): every image is resized (bilinear) to
   channels×image_size×image_size and normalised to [−1, 1]: x = (pixel/255 − 0.5)/0.5.
 - `test_fraction`: share of identities held out (identity-disjoint, seeded).
@@ -39,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "test_fraction": 0.2,
     "on_bad_image": "error",
 }
-PAIRINGS = ("first", "pattern")
+PAIRINGS = ("first", "pattern", "all_pairs")
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm")
 
 
@@ -97,7 +103,7 @@ def build_image_folder(cfg: Mapping[str, Any], seed: int) -> IvSData:
             )
             counts["single_image_identities"] += 1
             continue
-        if pairing == "first":
+        if pairing != "pattern":
             id_index = 0
         else:
             matches = [i for i, (name, _) in enumerate(images) if id_re.search(name)]
@@ -121,4 +127,5 @@ def build_image_folder(cfg: Mapping[str, Any], seed: int) -> IvSData:
         fraction,
         seed,
         info=counts,
+        all_pairs=pairing == "all_pairs",
     )

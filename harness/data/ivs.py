@@ -30,9 +30,15 @@ class Split:
 class IvSData:
     """A training split and the held-out IvS test pairs.
 
-    test_id_x, test_spot_x: (m, *input_shape); row i of both = test identity i (disjoint from the
-    training identities). num_classes = number of training identities. `info` holds counts worth
-    reporting (e.g. skipped images), never anything needed to train.
+    test_id_x (n, *input_shape), test_spot_x (m, *input_shape): held-out photos of identities
+    disjoint from the training ones. Without labels (both None, the default) n = m and row i of
+    both = test identity i. With `test_id_labels` (n,) / `test_spot_labels` (m,) int64, genuine
+    pairs are those with equal labels, any number per identity. `test_symmetric` (needs labels):
+    the two sides are the same samples (test_spot_x is test_id_x) and each unordered pair {i, j},
+    i < j, is one pair — no self-pairs (the "all_pairs" protocol). These three fields are passed
+    as they are to `harness.metrics.ivs_verification`. num_classes = number of training
+    identities. `info` holds counts worth reporting (e.g. skipped images), never anything needed
+    to train.
     """
 
     train: Split
@@ -41,6 +47,28 @@ class IvSData:
     input_shape: tuple[int, ...]
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    test_id_labels: torch.Tensor | None = None
+    test_spot_labels: torch.Tensor | None = None
+    test_symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.test_id_labels is None) != (self.test_spot_labels is None):
+            raise ValueError("IvSData: give both test_id_labels and test_spot_labels, or neither")
+        if self.test_id_labels is None:
+            if self.test_symmetric:
+                raise ValueError("IvSData: test_symmetric needs test labels")
+            if self.test_id_x.shape[0] != self.test_spot_x.shape[0]:
+                raise ValueError(
+                    f"IvSData: unlabelled test sides must be row-aligned; got "
+                    f"{self.test_id_x.shape[0]} ID and {self.test_spot_x.shape[0]} spot rows"
+                )
+            return
+        for name, lab, x in (
+            ("test_id_labels", self.test_id_labels, self.test_id_x),
+            ("test_spot_labels", self.test_spot_labels, self.test_spot_x),
+        ):
+            if lab.shape != (x.shape[0],):
+                raise ValueError(f"IvSData: {name} must be ({x.shape[0]},); got {tuple(lab.shape)}")
 
 
 def split_identities(
@@ -50,6 +78,7 @@ def split_identities(
     test_fraction: float,
     seed: int,
     info: dict[str, Any] | None = None,
+    all_pairs: bool = False,
 ) -> IvSData:
     """Identity-disjoint train/test split of samples (x (n,...), labels (n,) any int ids,
     domain (n,) 0 = ID / 1 = spot).
@@ -58,7 +87,10 @@ def split_identities(
     A seeded permutation of the sorted identity ids puts round(test_fraction·#ids) identities in
     the test set (at least 1 and leaving at least 2 for training); each contributes one pair:
     its first domain-0 sample as ID and its first domain-1 sample as spot (the first two samples
-    when it lacks one of the domains). Training labels are re-numbered 0..C−1 in id order.
+    when it lacks one of the domains). With `all_pairs`, every sample of a test identity is kept
+    instead, on both sides (the same tensor), labelled 0..m−1 in id order, with
+    `test_symmetric=True`: every unordered pair of test samples is one verification pair.
+    Training labels are re-numbered 0..C−1 in id order.
     """
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     keep_ids = counts >= 2
@@ -78,30 +110,47 @@ def split_identities(
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
     is_test = torch.zeros(k, dtype=torch.bool)
     is_test[perm[:n_test]] = True
-    test_ids = torch.sort(perm[:n_test]).values
 
-    rows = torch.arange(x.shape[0])
+    train_mask = ~is_test[inverse]
+    relabel = torch.cumsum(~is_test, 0) - 1
+    train = Split(x[train_mask], relabel[inverse[train_mask]], domain[train_mask])
+    common = {"train": train, "input_shape": tuple(x.shape[1:]), "num_classes": k - n_test}
+    if all_pairs:
+        test_x = x[~train_mask]
+        test_labels = (torch.cumsum(is_test, 0) - 1)[inverse[~train_mask]]
+        return IvSData(
+            **common,
+            test_id_x=test_x,
+            test_spot_x=test_x,
+            info=info,
+            test_id_labels=test_labels,
+            test_spot_labels=test_labels,
+            test_symmetric=True,
+        )
+    id_rows, spot_rows = _one_pair_per_identity(inverse, domain, k, is_test)
+    return IvSData(**common, test_id_x=x[id_rows], test_spot_x=x[spot_rows], info=info)
+
+
+def _one_pair_per_identity(
+    inverse: torch.Tensor, domain: torch.Tensor, k: int, is_test: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (ID photo, spot photo) of each test identity, in id order: its first domain-0
+    and first domain-1 sample, or its first two samples when it lacks one of the domains.
+    inverse (n,): dense identity id 0..k−1 of each row; is_test (k,)."""
+    n = inverse.numel()
+    rows = torch.arange(n)
 
     def first_row(mask: torch.Tensor) -> torch.Tensor:
-        """Per identity, the smallest row index among `mask` rows (x.shape[0] when none)."""
-        out = torch.full((k,), x.shape[0], dtype=torch.int64)
+        """Per identity, the smallest row index among `mask` rows (n when none)."""
+        out = torch.full((k,), n, dtype=torch.int64)
         return out.scatter_reduce(0, inverse[mask], rows[mask], "amin")
 
     first_id, first_spot = first_row(domain == 0), first_row(domain == 1)
-    first_any = first_row(torch.ones_like(keep[keep]))
+    first_any = first_row(torch.ones(n, dtype=torch.bool))
     second_any = first_row(rows != first_any[inverse])
-    both = (first_id < x.shape[0]) & (first_spot < x.shape[0])
-    id_rows = torch.where(both, first_id, first_any)[test_ids]
-    spot_rows = torch.where(both, first_spot, second_any)[test_ids]
-    train_mask = ~is_test[inverse]
-    train_old = inverse[train_mask]
-    relabel = torch.cumsum(~is_test, 0) - 1
-    train = Split(x[train_mask], relabel[train_old], domain[train_mask])
-    return IvSData(
-        train=train,
-        test_id_x=x[id_rows],
-        test_spot_x=x[spot_rows],
-        input_shape=tuple(x.shape[1:]),
-        num_classes=k - n_test,
-        info=info,
+    both = (first_id < n) & (first_spot < n)
+    test_ids = torch.nonzero(is_test).squeeze(1)
+    return (
+        torch.where(both, first_id, first_any)[test_ids],
+        torch.where(both, first_spot, second_any)[test_ids],
     )
