@@ -225,8 +225,7 @@ def ivs_verification(
       top-k: a block's scores below the current k-th largest are discarded before merging).
       TAR@f = #{genuine > v_f}/n_gen with v_f the (⌊f·n_imp⌋+1)-th largest impostor.
     - EER/AUC: each impostor is counted into 2u+1 bins against the u sorted distinct genuine
-      scores (strictly between two of them, or equal to one) with searchsorted + bincount (the
-      −inf entries all land in bin 0 and are subtracted). These counts give the exact ROC at
+      scores (strictly between two of them, or equal to one) with searchsorted + bincount. These counts give the exact ROC at
       every genuine score and just above it; the omitted vertices (thresholds at impostor scores
       only) lie on horizontal ROC segments, so the polyline — hence the trapezoidal AUC and the
       EER crossing — is unchanged.
@@ -283,9 +282,8 @@ def ivs_verification(
             drop_r, drop_c = torch.cat([drop_r, tril[0]]), torch.cat([drop_c, tril[1]])
         scores[drop_r, drop_c] = -math.inf
         flat = scores.view(-1)
-        # −inf is below every genuine score: the dropped entries all sit in bin 0
+        # the −inf entries land in bin 0 (below every genuine score), which the ROC never reads
         bins += _bin_counts(flat, uniq)
-        bins[0] -= drop_r.numel()
         if keep:
             cand = flat[flat > top[-1]] if top.numel() == keep else flat
             top = torch.cat([top, cand]).topk(min(keep, top.numel() + cand.numel())).values

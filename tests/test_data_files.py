@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from harness.data import PairBatchSampler, build_data
+from harness.data import IvSData, PairBatchSampler, Split, build_data
+from harness.metrics import far_key, ivs_verification
 
 
 def write_tree(root, n_ids=6, per_id=3):
@@ -62,6 +65,65 @@ def test_image_folder_pattern_pairing(tmp_path):
     assert (d.train.domain == 0).sum() == d.num_classes
     grey = build_data({**cfg, "channels": 1, "on_bad_image": "skip"}, 0)
     assert grey.input_shape == (1, 8, 8)
+
+
+def test_image_folder_all_pairs(tmp_path):
+    # identities with 2..5 images; red encodes the identity, green the image index
+    per_id = [2, 3, 4, 2, 3, 5, 4]
+    for i, k in enumerate(per_id):
+        (tmp_path / f"p{i}").mkdir()
+        for j in range(k):
+            Image.new("RGB", (9, 9), (30 * i, 40 * j, 0)).save(tmp_path / f"p{i}" / f"{j}.png")
+    cfg = {"kind": "image_folder", "path": str(tmp_path), "image_size": 8, "test_fraction": 0.45}
+    d = build_data({**cfg, "pairing": "all_pairs"}, 3)
+    red = lambda x: torch.round((x[:, 0, 0, 0] + 1) / 2 * 255 / 30).long()  # noqa: E731
+    green = lambda x: torch.round((x[:, 1, 0, 0] + 1) / 2 * 255 / 40).long()  # noqa: E731
+    test_people = sorted(set(red(d.test_id_x).tolist()))
+    assert len(test_people) == 3 and not set(test_people) & set(red(d.train.x).tolist())
+    # every image of a test identity is on the test side, once, labelled by its identity
+    assert d.test_symmetric and d.test_spot_x is d.test_id_x
+    assert torch.equal(d.test_id_labels, d.test_spot_labels)
+    assert d.test_id_x.shape[0] == sum(per_id[p] for p in test_people)
+    n = d.test_id_x.shape[0]
+    same_person = red(d.test_id_x)[:, None] == red(d.test_id_x)[None, :]
+    same_label = d.test_id_labels[:, None] == d.test_id_labels[None, :]
+    assert torch.equal(same_person, same_label)
+    # training: all images of training identities, the first by file name is the ID photo
+    assert d.train.x.shape[0] == sum(per_id) - n and d.num_classes == 4
+    assert torch.equal(d.train.domain == 0, green(d.train.x) == 0)
+    # evaluation counts: genuine = Σ k(k−1)/2 over test identities, impostor = the rest of the
+    # n(n−1)/2 unordered pairs; an embedding that is the identity one-hot separates them exactly
+    n_gen = sum(per_id[p] * (per_id[p] - 1) // 2 for p in test_people)
+    n_imp = n * (n - 1) // 2 - n_gen
+    emb = torch.nn.functional.one_hot(red(d.test_id_x)).float()
+
+    def evaluate(e: torch.Tensor, fars: list[float]) -> dict[str, float]:
+        return ivs_verification(
+            e, e, fars, id_labels=d.test_id_labels, spot_labels=d.test_spot_labels, symmetric=True
+        )
+
+    out = evaluate(emb, [1 / n_imp, 1 / (n_imp + 1)])
+    assert out[far_key(1 / n_imp)] == 1.0 and out["eer"] == 0.0  # defined: n_imp impostors
+    assert math.isnan(out[far_key(1 / (n_imp + 1))])  # needs n_imp + 1 impostors
+    # negate one image: its k−1 genuine pairs score −1 < every impostor (0), so exactly
+    # (k−1) of the n_gen genuine pairs are lost
+    emb[0] = -emb[0]
+    k = int((d.test_id_labels == d.test_id_labels[0]).sum())
+    assert evaluate(emb, [0.5])["tar@5e-1"] == pytest.approx(1 - (k - 1) / n_gen, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"test_id_labels": torch.arange(3)}, "both test_id_labels"),
+        ({"test_symmetric": True}, "test_symmetric needs"),
+        ({"test_id_labels": torch.arange(2), "test_spot_labels": torch.arange(3)}, r"\(3,\)"),
+    ],
+)
+def test_ivs_data_rejects_inconsistent_test_labels(kwargs, match):
+    split = Split(torch.zeros(2, 1), torch.arange(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=match):
+        IvSData(split, torch.zeros(3, 1), torch.zeros(3, 1), (1,), 2, **kwargs)
 
 
 @pytest.mark.parametrize(
