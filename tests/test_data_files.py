@@ -112,6 +112,49 @@ def test_image_folder_all_pairs(tmp_path):
     assert evaluate(emb, [0.5])["tar@5e-1"] == pytest.approx(1 - (k - 1) / n_gen, abs=1e-12)
 
 
+def test_trial_evaluates_all_pairs_with_labels(tmp_path):
+    # the trial must pass labels and the symmetric rule through: the unlabelled rule would pair
+    # each test image with itself (cosine 1 > every impostor: EER 0, TAR a multiple of 1/n)
+    from harness.suite import parse_suite
+    from harness.trial import run_trial
+
+    for i in range(10):
+        (tmp_path / f"p{i}").mkdir()
+        for j in range(2 + i % 3):
+            Image.new("RGB", (9, 9), (20 * i, 50 * j, 3)).save(tmp_path / f"p{i}" / f"{j}.png")
+    data = {
+        "kind": "image_folder",
+        "path": str(tmp_path),
+        "pairing": "all_pairs",
+        "image_size": 8,
+        "test_fraction": 0.4,
+    }
+    suite = parse_suite(
+        f"""
+[suite]
+name = "all_pairs"
+seeds = [0]
+[data]
+{chr(10).join(f"{k} = {v!r}" for k, v in data.items())}
+[model]
+kind = "cnn_small"
+embedding = 8
+width = 4
+[train]
+steps = 2
+batch = 8
+device = "cpu"
+[eval]
+far = [1e-1]
+"""
+    )
+    row, _ = run_trial(suite.trials[0].model_dump())
+    labels = build_data(data, 0).test_id_labels
+    n_gen = int(((labels[:, None] == labels[None, :]).sum() - labels.numel()) // 2)
+    assert row["eer"] > 0
+    assert row["tar@1e-1"] * n_gen == pytest.approx(round(row["tar@1e-1"] * n_gen), abs=1e-9)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
