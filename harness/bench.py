@@ -151,7 +151,8 @@ def _build_cbhem_mine(device: torch.device, p: dict[str, Any]) -> Pair:
 
     buffer = CrossBatchMemory(m, d, dtype=torch.float32, device=device)
     exact = {
-        "buffer_bytes_analytic": float(m * d * 4 + m * 8 * 2),  # fp32 emb + int64 labels, steps
+        # fp32 embeddings + int64 labels and write steps + int8 domains
+        "buffer_bytes_analytic": float(m * d * 4 + m * 8 * 2 + m),
         "buffer_bytes": float(
             sum(t.nbytes for t in buffer.state_dict().values() if torch.is_tensor(t))
         ),

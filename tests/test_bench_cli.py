@@ -169,7 +169,7 @@ def test_bench_saves_json_with_env_and_ratios(tmp_path):
     m, d = mine["params"]["memory"], mine["params"]["dim"]
     assert (
         mine["exact"]["buffer_bytes"]
-        == m * d * 4 + m * 8 * 2
+        == m * d * 4 + m * 8 * 2 + m  # fp32 emb, int64 labels and steps, int8 domains
         == mine["exact"]["buffer_bytes_analytic"]
     )
     assert saved["cases"]["plb_exact_K4"]["exact"]["forwards"] == 2 * 4  # PLB exact: 2 per chunk
