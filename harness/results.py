@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
@@ -216,17 +217,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.write_parquet(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()  # a trial's row or curves: small enough to serialise in memory
+    frame.write_parquet(buf)
+    _atomic_write(path, buf.getvalue())
 
 
 def load_run(path: str | Path) -> pl.DataFrame:
