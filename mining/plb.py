@@ -11,7 +11,9 @@ R = [r_1; ...; r_K] (N, d). Then, with L = loss_fn(R, y) and G = dL/dR (N, d):
     under the RNG state recorded before its no-grad forward and backward the surrogate
     sum(r_k · G_k). By the chain rule dL/dθ = Σ_k J_kᵀ G_k, so the gradient is exactly the
     large-batch gradient whenever the re-forward reproduces r_k (replayed RNG, deterministic
-    kernels). Cost: one extra forward.
+    kernels). Cost: one extra forward per chunk, i.e. 1 + F/(F+B) times a plain step whose
+    forward and backward take F and B; with K = 1 (and in ``chunk_loss``) the single chunk is
+    forwarded once with grad and kept through the loss, so K = 1 costs a plain step.
 ``chunk_loss``
     for each chunk k re-forward x_k with grad (replayed RNG), evaluate
     L([r_1; ...; r_k (with grad); ...; r_K]) with the other chunks as cached constants and
@@ -186,6 +188,8 @@ class PseudoLargeBatch:
         bounds = chunk_bounds(x.shape[0], self.chunk_size)
         frozen = batchnorm_frozen(self.model) if self.bn == "freeze" else contextlib.nullcontext()
         with frozen:
+            if len(bounds) == 1 and self.mode != "select":
+                return self._single_chunk(x, y)
             cache, rng = self._cache_forward(x, bounds)
             self._hook("before_loss", cache, y)
             if self.mode == "chunk_loss":
@@ -203,6 +207,20 @@ class PseudoLargeBatch:
 
     # -- the passes -------------------------------------------------------------------------
 
+    def _single_chunk(self, x: Tensor, y: Tensor) -> Tensor:
+        """K = 1 (exact, chunk_loss): the virtual batch is one chunk, whose activations the
+        step holds anyway, so the cache pass and the replay are skipped: one forward with grad,
+        R = its detached output, L and G = dL/dR as in ``_cache_loss``, then r.backward(G).
+        Same gradient, hook calls, BN updates and RNG draws as the two-pass step, at the cost
+        of a plain step (the replayed re-forward would reproduce r exactly)."""
+        rep = self._forward(x)
+        cache = self._promoted(rep.detach())
+        self._hook("before_loss", cache, y)
+        loss, grad = self._cache_loss(cache, y)
+        rep.backward(grad.to(rep.dtype))
+        self._hook("after_loss", cache, y)
+        return loss.detach()
+
     def _cache_forward(
         self, x: Tensor, bounds: list[tuple[int, int]]
     ) -> tuple[Tensor, list[RngState]]:
@@ -213,8 +231,7 @@ class PseudoLargeBatch:
             for start, stop in bounds:
                 states.append(RngState.capture(devices))
                 reps.append(self._forward(x[start:stop]))
-        cache = torch.cat(reps)
-        return cache.to(torch.promote_types(cache.dtype, torch.float32)), states
+        return self._promoted(torch.cat(reps)), states
 
     def _cache_loss(self, cache: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """L = loss_fn(R, y) on a leaf copy of the cache -> (L, G = scale · dL/dR (N, d))."""
@@ -275,6 +292,11 @@ class PseudoLargeBatch:
                 "extract the (b, d) representation"
             )
         return rep
+
+    @staticmethod
+    def _promoted(cache: Tensor) -> Tensor:
+        """The cache in float32 at least (autocast outputs are half precision)."""
+        return cache.to(torch.promote_types(cache.dtype, torch.float32))
 
     def _backward_rows(self, x: Tensor, grad: Tensor) -> None:
         """Re-forward rows x with grad and backward their cached gradient: J_xᵀ G_x."""
