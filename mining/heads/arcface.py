@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from mining.heads.base import CosineHead, target_cosine
+from mining.heads.base import CosineHead
 from mining.heads.params import check_range
 
 
@@ -57,12 +57,10 @@ class ArcFace(_AngularMargin):
     Shapes as in `CosineHead`. Default m = 0.5, s = 64.
     """
 
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        c = target_cosine(cos, labels)
-        psi = torch.where(
+    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
+        return torch.where(
             c > math.cos(math.pi - self.m), cos_plus(c, self.m), c - self.m * math.sin(self.m)
         )
-        return cos, psi
 
 
 class ArcFaceNoGrad(_AngularMargin):
@@ -73,9 +71,8 @@ class ArcFaceNoGrad(_AngularMargin):
     Shapes as in `CosineHead`. Default m = 0.5, s = 64.
     """
 
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        c = target_cosine(cos, labels)
+    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
         with torch.no_grad():
             shifted = torch.cos(torch.acos(c) + self.m)
         # value == shifted exactly (c - c.detach() is an exact 0), gradient == dc.
-        return cos, shifted + (c - c.detach())
+        return shifted + (c - c.detach())

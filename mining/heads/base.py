@@ -1,18 +1,24 @@
 """The cosine head that every margin head builds on (arcface_torch ``losses.py`` style).
 
 ``CosineHead`` computes the clamped cosine matrix, applies the optional interclass filter and
-scales; a margin head only overrides `CosineHead.margin`, which returns its new target cosines
-(and, if it changes them, its non-target cosines). Without a margin this is the plain normalised-softmax (NormFace) head,
-registered as ``cosine``.
+scales. A margin head overrides one of two hooks:
+
+* `CosineHead.target_margin` — the new target cosines ψ(cos θ_y) from the B target cosines
+  alone (CosFace, ArcFace, HSM without pseudo-class). The whole head is then one fused
+  `CosineLogits` op that never builds a second (B, C) tensor.
+* `CosineHead.margin` (with ``target_only = False``) — new target cosines *and* new non-target
+  cosines (B, C') from the full cosine matrix (NPCFace, HSM's pseudo-class), run as autograd
+  ops on the cosines and scaled by `ScaleWithTarget`.
+
+Without a margin this is the plain normalised-softmax (NormFace) head, registered as ``cosine``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mining.heads.fused import ClampedCosine, ScaleWithTarget
+from mining.heads.fused import CosineLogits, ScaleWithTarget
 from mining.heads.params import CheckedParams, check_range, check_size
 
 #: Cosines are clamped to [-1 + COS_EPS, 1 - COS_EPS] before any acos/sqrt(1 - cos²): fp16 dot
@@ -48,17 +54,6 @@ def non_target_mask(cos: Tensor, labels: Tensor) -> Tensor:
     return torch.ones_like(cos, dtype=torch.bool).scatter_(1, labels[:, None], False)
 
 
-def interclass_filter(cos: Tensor, labels: Tensor, threshold: float) -> Tensor:
-    """arcface_torch interclass filtering: non-target cosines above ``threshold`` become 0.
-
-    The mask is a boolean constant (arcface_torch builds it under no_grad), so the filtered
-    entries get zero gradient: such class centres are treated as probable label noise or
-    duplicate identities, not pushed away. (B, C) -> (B, C).
-    """
-    dirty = (cos > threshold) & non_target_mask(cos, labels)
-    return cos.masked_fill(dirty, 0.0)
-
-
 class CosineHead(CheckedParams, nn.Module):
     """Plain cosine head (NormFace): logits = s · cos θ_j, cos θ_j = <f/|f|, W_j/|W_j|>.
 
@@ -73,7 +68,10 @@ class CosineHead(CheckedParams, nn.Module):
             no_grad before the margin is applied (arcface_torch uses 0.4); ``None`` = off.
 
     The cosine matrix is computed in at least float32 (also under fp16 autocast) and clamped
-    to [-1 + COS_EPS, 1 - COS_EPS] (see `ClampedCosine`: the clamp passes gradient through).
+    to [-1 + COS_EPS, 1 - COS_EPS] (see `CosineLogits`: the clamp passes gradient through).
+    Interclass-filtered entries are a constant 0 with no gradient (arcface_torch builds the
+    mask under no_grad): such class centres are treated as probable label noise or duplicate
+    identities, not pushed away.
     """
 
     def __init__(
@@ -96,25 +94,47 @@ class CosineHead(CheckedParams, nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)  # arcface_torch's init of the class centres
 
+    #: True when the margin changes only the target logits, i.e. `margin` is
+    #: ``(cos, target_margin(cos θ_y, labels))``: forward then runs the fused path.
+    target_only = True
+
     def cosine(self, emb: Tensor) -> Tensor:
         """Clamped cosine matrix (B, C) between normalised embeddings and class centres."""
-        return ClampedCosine.apply(F.normalize(emb, dim=1), self.weight, COS_EPS)
+        return CosineLogits.apply(emb, self.weight, None, 1.0, COS_EPS, None, None)
+
+    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
+        """New target cosines ψ(c) (B,) from the clamped target cosines c (B,). Here: none.
+
+        Written with differentiable torch ops on the B values: the fused path takes dψ/dc
+        from autograd.
+        """
+        return c
 
     def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
         """This head's margin on the (filtered, clamped) cosines (B, C).
 
         Returns ``(others, target)``: ``others`` (B, C') supplies every non-target logit
         (C' > C appends columns), ``target`` (B,) the new target cosines, or None to keep
-        ``others``' own. Here: no margin.
+        ``others``' own. Here: `target_margin` on the target cosines, others unchanged.
         """
-        return cos, None
+        return cos, self.target_margin(target_cosine(cos, labels), labels)
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B, d), (B,) -> logits (B, C or more), scaled by s, margins applied."""
         check_labels(emb, labels, self.num_classes)
-        cos = self.cosine(emb)
-        if self.interclass_filter is not None:
-            cos = interclass_filter(cos, labels, self.interclass_filter)
+        if self.target_only:
+            return CosineLogits.apply(
+                emb,
+                self.weight,
+                labels,
+                self.s,
+                COS_EPS,
+                self.interclass_filter,
+                self.target_margin,
+            )
+        cos = CosineLogits.apply(
+            emb, self.weight, labels, 1.0, COS_EPS, self.interclass_filter, None
+        )
         others, target = self.margin(cos, labels)
         if target is None:
             return self.s * others

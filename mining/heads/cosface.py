@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mining.heads.base import CosineHead, target_cosine
+from mining.heads.base import CosineHead
 from mining.heads.params import check_range
 
 
@@ -28,8 +28,8 @@ class CosFace(CosineHead):
         super().__init__(embedding_dim, num_classes, s=s, interclass_filter=interclass_filter)
         self.m = check_range("m", m, 0.0, 2.0)
 
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return cos, target_cosine(cos, labels) - self.m
+    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
+        return c - self.m
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m:g}"

@@ -1,54 +1,133 @@
 """Two autograd functions that keep the margin heads close to plain softmax in cost.
 
 At face-recognition sizes (C ≈ 1e5 classes) the GEMMs are fast and every extra elementwise
-pass over the (B, C) logits or the (C, d) class centres shows up in the step time. Written as
-plain autograd ops, normalise-W + clamp + scale + target replacement cost ~2.5× a softmax step on
-CPU; these two functions do the same maths with fewer passes. Both are once-differentiable.
+pass over the (B, C) logits (100 MB at B = 256) or the (C, d) class centres (200 MB at d = 512)
+shows up in the step time; on CPU a freshly allocated (B, C) tensor costs about two in-place
+passes more (page faults). Written as plain autograd ops, normalise-W + clamp + scale + target
+replacement cost ~2.5× a softmax step on CPU. `CosineLogits` does the whole cosine head, its
+interclass filter and any margin that touches only the target logits, with two in-place passes
+forward and three backward beyond softmax's; `ScaleWithTarget` serves the heads whose margin
+changes the non-target logits too (NPCFace, HSM's pseudo-class). Both are once-differentiable.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+#: ``target_margin(c (B,), labels (B,)) -> ψ(c) (B,)``: the new target cosines, written with
+#: differentiable torch ops (`CosineLogits` takes dψ/dc from autograd on these B values).
+TargetMargin = Callable[[Tensor, Tensor], Tensor]
 
-class ClampedCosine(torch.autograd.Function):
-    """cos_ij = clamp(<u_i, W_j> / |W_j|, −1 + eps, 1 − eps): (B, d) unit rows, (C, d) -> (B, C).
 
-    Divides the (B, C) product by the C centre norms instead of materialising a normalised
-    (C, d) copy of W. Output in at least float32 (also under autocast). Backward:
+class CosineLogits(torch.autograd.Function):
+    """Scaled cosine logits with an optional interclass filter and target-only margin.
 
-        ∂L/∂u_i = Σ_j g_ij W_j / |W_j|
-        ∂L/∂W_j = Σ_i g_ij u_i / |W_j| − (Σ_i g_ij cos_ij) W_j / |W_j|²
+        cos_ij   = clamp(<e_i, W_j> / (|e_i| |W_j|), −1 + eps, 1 − eps)
+        logit_ij = s · cos_ij                      j ≠ y_i, not filtered
+                   0                               j ≠ y_i, cos_ij > threshold (filtered)
+                   s · ψ(cos_iy)                   j = y_i  (ψ = ``target_margin``, or identity)
 
-    The clamp only guards acos / sqrt(1 − cos²) downstream: its gradient is passed straight
-    through (it moves a cosine by at most eps), so cos = ±1 gets the gradient of the cosine.
+    ``forward(ctx, emb (B, d), weight (C, d), labels (B,) or None, s, eps, threshold or None,
+    target_margin or None) -> (B, C)``, in at least float32 (also under autocast); ``emb`` is
+    raw (normalised here, as ``F.normalize``). ``labels`` may be None only without a threshold
+    and a margin.
+
+    Never materialises a normalised (C, d) copy of W: the (B, C) product of the scaled unit
+    embeddings s·u_i with W is multiplied in place by 1 / |W_j| per column. Backward, with
+    h_ij = ∂L/∂logit_ij / |W_j| (times ψ' at the targets, 0 where filtered), so that
+    ∂L/∂cos_ij / |W_j| = s·h_ij:
+
+        g          = h W                                              (B, d)  GEMM, as softmax
+        ∂L/∂e_i    = (s / |e_i|) (g_i − u_i <u_i, g_i>)
+        ∂L/∂W_j    = Σ_i h_ij s·u_i − (Σ_i h_ij s·cos_ij) W_j / |W_j|  (C, d)  GEMM + one pass
+
+    Σ_i h_ij s·cos_ij is read off the saved logits (the output), with the B target entries
+    taken from s·cos instead of s·ψ. Extra (B, C) passes over softmax: scale + clamp forward;
+    h (the one allocation) + product + column sum backward. The clamp only guards acos /
+    sqrt(1 − cos²) in the margins: its gradient is passed straight through (it moves a cosine by
+    at most eps). Filtered entries are a constant 0 (arcface_torch builds the mask under
+    no_grad): they get no gradient. The few C- and B-sized ops are kept few on purpose: on a
+    busy CPU every parallel op waits for all its threads.
     """
 
     @staticmethod
-    def forward(ctx, unit_emb: Tensor, weight: Tensor, eps: float) -> Tensor:
-        inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()  # as F.normalize
-        cos = unit_emb @ weight.T
-        cos = cos.to(torch.promote_types(cos.dtype, torch.float32))
-        cos.mul_(inv_norm.to(cos.dtype)).clamp_(-1.0 + eps, 1.0 - eps)
-        ctx.save_for_backward(unit_emb, weight, inv_norm, cos)
-        return cos
+    def forward(
+        ctx,
+        emb: Tensor,
+        weight: Tensor,
+        labels: Tensor | None,
+        s: float,
+        eps: float,
+        threshold: float | None,
+        target_margin: TargetMargin | None,
+    ) -> Tensor:
+        inv_emb = emb.norm(dim=1).clamp_min_(1e-12).reciprocal_()  # as F.normalize
+        inv_weight = weight.norm(dim=1).clamp_min_(1e-12).reciprocal_()
+        scaled_unit = emb * (s * inv_emb)[:, None]  # s·u: the scale costs a (B, d) pass only
+        logits = scaled_unit @ weight.T
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        # column scale and clamp in logit units: two in-place passes, no (B, C) temporary
+        logits.mul_(inv_weight.to(logits.dtype)).clamp_(-s * (1.0 - eps), s * (1.0 - eps))
+        filtered = target_logit = slope = None
+        if threshold is not None:
+            filtered = logits > s * threshold
+            filtered.scatter_(1, labels[:, None], False)  # the target is never filtered
+            logits.masked_fill_(filtered, 0.0)
+        if target_margin is not None:
+            target_logit = logits.gather(1, labels[:, None]).squeeze(1)
+            with torch.enable_grad():
+                c = (target_logit / s).requires_grad_(True)
+                psi = target_margin(c, labels)
+                (slope,) = torch.autograd.grad(psi, c, torch.ones_like(psi), allow_unused=True)
+            if slope is None:  # ψ does not depend on c (e.g. a constant): no gradient flows
+                slope = torch.zeros_like(target_logit)
+            # the margin's own (B-sized) arithmetic may be in a lower autocast dtype
+            logits.scatter_(1, labels[:, None], (s * psi.detach()).to(logits.dtype)[:, None])
+        ctx.s = s
+        ctx.save_for_backward(
+            scaled_unit, inv_emb, weight, inv_weight, logits, labels, filtered, target_logit, slope
+        )
+        return logits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        unit_emb, weight, inv_norm, cos = ctx.saved_tensors
-        scaled = grad * inv_norm.to(grad.dtype)
+    def backward(
+        ctx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
+        scaled_unit, inv_emb, weight, inv_weight, logits, labels, filtered, target_logit, slope = (
+            ctx.saved_tensors
+        )
+        s = ctx.s
+        h = grad * inv_weight.to(grad.dtype)  # the one (B, C) allocation of the backward
+        if filtered is not None:
+            h.masked_fill_(filtered, 0.0)
+        if slope is not None:
+            rows = labels[:, None]
+            h_target = h.gather(1, rows).squeeze(1) * slope.to(h.dtype)
+            h.scatter_(1, rows, h_target[:, None])
+        su = scaled_unit.to(h.dtype)
         grad_emb = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_emb = (scaled @ weight.to(scaled.dtype)).to(unit_emb.dtype)
+            g = h @ weight.to(h.dtype)
+            inv = inv_emb.to(h.dtype)
+            radial = torch.linalg.vecdot(su, g) * inv / s  # <u, g> / |e| · s, as su = s·u
+            grad_emb = g.mul_((s * inv)[:, None]).addcmul_(su, radial[:, None], value=-1.0)
+            grad_emb = grad_emb.to(scaled_unit.dtype)
         if ctx.needs_input_grad[1]:
-            radial = (grad * cos).sum(0) * inv_norm.to(grad.dtype) ** 2
-            grad_weight = scaled.T @ unit_emb.to(scaled.dtype)
-            grad_weight.addcmul_(weight.to(scaled.dtype), radial[:, None], value=-1.0)
+            grad_weight = h.T @ su
+            # Σ_i h_ij s·cos_ij: h is ours, so multiply it in place by the logits (filtered
+            # entries have h = 0) and put back s·cos (not s·ψ) at the B targets.
+            products = h.mul_(logits)
+            if slope is not None:
+                products.scatter_(1, rows, (h_target * target_logit.to(h.dtype))[:, None])
+            radial = products.sum(0).mul_(inv_weight.to(h.dtype))
+            grad_weight.addcmul_(weight.to(h.dtype), radial[:, None], value=-1.0)
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_emb, grad_weight, None
+        return grad_emb, grad_weight, None, None, None, None, None
 
 
 class ScaleWithTarget(torch.autograd.Function):

@@ -71,6 +71,11 @@ class HSM(CosineHead):
         if class_counts is not None:
             self.set_class_counts(class_counts)
 
+    @property
+    def target_only(self) -> bool:
+        """Without a pseudo-class margin only the target logits change (the fused path)."""
+        return self.pseudo == "none"
+
     def set_class_counts(self, counts: Sequence[int] | Tensor) -> None:
         """Replace the class counts n_j: length C, non-negative integers."""
         counts = torch.as_tensor(counts)
@@ -117,13 +122,17 @@ class HSM(CosineHead):
         best_negative = cos.scatter(1, labels[:, None], -torch.inf).amax(dim=1)
         return target - best_negative > self.delta
 
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
+        """Step 1: c'_y = cos θ_y − m_y for target cosines c (B,)."""
         if (self.class_counts[labels] == 0).any():
             raise ValueError(
                 "HSM needs the class counts of every batch label: pass class_counts=... "
                 "or call set_class_counts(...) / count_labels(...) first"
             )
-        target = target_cosine(cos, labels) - self.class_margins(labels).to(cos.dtype)
+        return c - self.class_margins(labels).to(c.dtype)
+
+    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        target = self.target_margin(target_cosine(cos, labels), labels)
         if self.pseudo == "none":
             return cos, target
         saturated = self.saturated(cos, target, labels)

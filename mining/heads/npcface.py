@@ -25,6 +25,8 @@ class NPCFace(CosineHead):
     Shapes as in `CosineHead`. Defaults m = 0.5, m0 = 0.4, m1 = 0.2, t = 1.1, α = 0.2, s = 64.
     """
 
+    target_only = False  # hard negatives change non-target logits
+
     def __init__(
         self,
         embedding_dim: int,
