@@ -1,14 +1,14 @@
 """The cosine head that every margin head builds on (arcface_torch ``losses.py`` style).
 
 ``CosineHead`` computes the clamped cosine matrix, applies the optional interclass filter and
-scales. A margin head overrides one of two hooks:
+scales, all in one fused op (`CosineLogits`). A margin head overrides one of two hooks:
 
 * `CosineHead.target_margin` — the new target cosines ψ(cos θ_y) from the B target cosines
-  alone (CosFace, ArcFace, HSM without pseudo-class). The whole head is then one fused
-  `CosineLogits` op that never builds a second (B, C) tensor.
-* `CosineHead.margin` (with ``target_only = False``) — new target cosines *and* new non-target
-  cosines (B, C') from the full cosine matrix (NPCFace, HSM's pseudo-class), run as autograd
-  ops on the cosines and scaled by `ScaleWithTarget`.
+  alone (CosFace, ArcFace, HSM without pseudo-class); the cosine matrix is scaled and its B
+  targets are overwritten in place.
+* `CosineHead.others_margin` (with ``target_only = False``) — a margin that changes non-target
+  logits too (NPCFace, HSM's pseudo-class): it builds the output logits from the cosines and
+  names the entries whose gradient it scales (see `OthersMargin`).
 
 Without a margin this is the plain normalised-softmax (NormFace) head, registered as ``cosine``.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mining.heads.fused import CosineLogits, ScaleWithTarget
+from mining.heads.fused import CosineLogits, OthersMargin
 from mining.heads.params import CheckedParams, check_range, check_size
 
 #: Cosines are clamped to [-1 + COS_EPS, 1 - COS_EPS] before any acos/sqrt(1 - cos²): fp16 dot
@@ -47,11 +47,6 @@ def check_labels(emb: Tensor, labels: Tensor, num_classes: int) -> None:
 def target_cosine(cos: Tensor, labels: Tensor) -> Tensor:
     """cos θ_y per row: (B, C), (B,) -> (B,)."""
     return cos.gather(1, labels[:, None]).squeeze(1)
-
-
-def non_target_mask(cos: Tensor, labels: Tensor) -> Tensor:
-    """Boolean (B, C), True everywhere except at each row's label column."""
-    return torch.ones_like(cos, dtype=torch.bool).scatter_(1, labels[:, None], False)
 
 
 class CosineHead(CheckedParams, nn.Module):
@@ -94,51 +89,46 @@ class CosineHead(CheckedParams, nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)  # arcface_torch's init of the class centres
 
-    #: True when the margin changes only the target logits, i.e. `margin` is
-    #: ``(cos, target_margin(cos θ_y, labels))``: forward then runs the fused path.
+    #: True when the margin changes only the target logits (`target_margin`); False for a
+    #: head that implements `others_margin`.
     target_only = True
 
     def cosine(self, emb: Tensor) -> Tensor:
         """Clamped cosine matrix (B, C) between normalised embeddings and class centres."""
-        return CosineLogits.apply(emb, self.weight, None, 1.0, COS_EPS, None, None)
+        return CosineLogits.apply(emb, self.weight, None, 1.0, COS_EPS, None, None, None)
 
     def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
         """New target cosines ψ(c) (B,) from the clamped target cosines c (B,). Here: none.
 
-        Written with differentiable torch ops on the B values: the fused path takes dψ/dc
-        from autograd.
+        Written with differentiable torch ops on the B values: `CosineLogits` takes dψ/dc from
+        autograd.
         """
         return c
 
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """This head's margin on the (filtered, clamped) cosines (B, C).
+    def others_margin(self, cos: Tensor, labels: Tensor) -> OthersMargin:
+        """Scaled logits from the clamped, filtered cosines (B, C), for ``target_only = False``."""
+        raise NotImplementedError(f"{type(self).__name__} changes only the target logits")
 
-        Returns ``(others, target)``: ``others`` (B, C') supplies every non-target logit
-        (C' > C appends columns), ``target`` (B,) the new target cosines, or None to keep
-        ``others``' own. Here: `target_margin` on the target cosines, others unchanged.
+    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The margin that forward applies, on an explicit cosine matrix (B, C), unscaled.
+
+        Returns ``(others, target)``: ``others`` (B, C') supplies every non-target cosine
+        (C' > C appends columns), ``target`` (B,) the new target cosines. For inspection and
+        tests: forward runs the same hooks inside `CosineLogits`.
         """
-        return cos, self.target_margin(target_cosine(cos, labels), labels)
+        c = target_cosine(cos, labels)
+        if self.target_only:
+            return cos, self.target_margin(c, labels)
+        margin = self.others_margin(cos, labels)
+        return margin.others / self.s, margin.target(c, labels)
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B, d), (B,) -> logits (B, C or more), scaled by s, margins applied."""
         check_labels(emb, labels, self.num_classes)
-        if self.target_only:
-            return CosineLogits.apply(
-                emb,
-                self.weight,
-                labels,
-                self.s,
-                COS_EPS,
-                self.interclass_filter,
-                self.target_margin,
-            )
-        cos = CosineLogits.apply(
-            emb, self.weight, labels, 1.0, COS_EPS, self.interclass_filter, None
+        hooks = (self.target_margin, None) if self.target_only else (None, self.others_margin)
+        return CosineLogits.apply(
+            emb, self.weight, labels, self.s, COS_EPS, self.interclass_filter, *hooks
         )
-        others, target = self.margin(cos, labels)
-        if target is None:
-            return self.s * others
-        return ScaleWithTarget.apply(others, labels, target, self.s)
 
     def extra_repr(self) -> str:
         return (

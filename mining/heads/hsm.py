@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mining.heads.base import CosineHead, target_cosine
+from mining.heads.base import CosineHead
+from mining.heads.fused import OthersMargin
 from mining.heads.params import check_choice, check_range
 
 PSEUDO_VARIANTS = ("false_class", "virtual_class", "none")
@@ -116,11 +117,19 @@ class HSM(CosineHead):
     @torch.no_grad()
     def saturated(self, cos: Tensor, target: Tensor, labels: Tensor) -> Tensor:
         """Boolean (B,): rows whose target c'_y (B,) already wins against cos (B, C)'s others."""
+        logits = (self.s * cos).scatter_(1, labels[:, None], (self.s * target)[:, None])
+        return self._saturated_logits(logits, labels)
+
+    def _saturated_logits(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """`saturated` on logits (B, C) = s·cos with s·c'_y at the targets (left unchanged)."""
+        rows = labels[:, None]
+        target = logits.gather(1, rows).squeeze(1)
         if self.saturation == "prob":
-            logits = (self.s * cos).scatter_(1, labels[:, None], (self.s * target)[:, None])
-            return (self.s * target - torch.logsumexp(logits, dim=1)).exp() > self.tau
-        best_negative = cos.scatter(1, labels[:, None], -torch.inf).amax(dim=1)
-        return target - best_negative > self.delta
+            return (target - torch.logsumexp(logits, dim=1)).exp() > self.tau
+        # best negative in place (no (B, C) copy): hide the targets, take the max, restore
+        best_negative = logits.scatter_(1, rows, -torch.inf).amax(dim=1)
+        logits.scatter_(1, rows, target[:, None])
+        return (target - best_negative) / self.s > self.delta
 
     def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
         """Step 1: c'_y = cos θ_y − m_y for target cosines c (B,)."""
@@ -131,17 +140,21 @@ class HSM(CosineHead):
             )
         return c - self.class_margins(labels).to(c.dtype)
 
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        target = self.target_margin(target_cosine(cos, labels), labels)
-        if self.pseudo == "none":
-            return cos, target
-        saturated = self.saturated(cos, target, labels)
-        if self.pseudo == "false_class":  # the target entry is replaced by `target` anyway
-            return torch.where(saturated[:, None], cos + self.m_p, cos), target
-        masked = torch.finfo(cos.dtype).min / self.s  # × s in forward -> finfo.min, finite
-        virtual = torch.full_like(saturated, masked, dtype=cos.dtype)
-        virtual = virtual.masked_fill(saturated, 1.0 - self.m_p)
-        return torch.cat([cos, virtual[:, None]], dim=1), target
+    def others_margin(self, cos: Tensor, labels: Tensor) -> OthersMargin:
+        batch, classes = cos.shape
+        virtual = self.pseudo == "virtual_class"
+        out = cos.new_empty(batch, classes + virtual)  # the output logits
+        logits = torch.mul(cos, self.s, out=out[:, :classes])
+        target = self.target_margin(logits.gather(1, labels[:, None]).squeeze(1) / self.s, labels)
+        logits.scatter_(1, labels[:, None], (self.s * target)[:, None])
+        saturated = self._saturated_logits(logits, labels)
+        if virtual:
+            # rows that are not saturated get the most negative finite float: softmax weight 0
+            out[:, classes] = torch.finfo(out.dtype).min
+            out[:, classes].masked_fill_(saturated, self.s * (1.0 - self.m_p))
+        else:  # false class; the target entry is overwritten with s·c'_y afterwards
+            logits.add_((self.s * self.m_p * saturated.to(out.dtype))[:, None])
+        return OthersMargin(out, self.target_margin)
 
     def extra_repr(self) -> str:
         return (
