@@ -35,11 +35,24 @@ def weight_key(head) -> str:
     return next(k for k, v in head.named_parameters() if v is head.weight)
 
 
-@pytest.mark.parametrize("name", DIFFERENTIABLE)
+COUNTS = {"class_counts": [3, 1, 4, 1, 5]}
+#: every code path of the fused CosineLogits: target-only margins, others-margins (NPCFace's
+#: hard mask, HSM's row shift and extra column), each with the interclass filter's mask
+GRADCHECK = [(name, params) for name, params in DIFFERENTIABLE.items()] + [
+    ("hsm", {**COUNTS, "pseudo": "virtual_class", "saturation": "gap"}),
+    ("hsm", {**COUNTS, "pseudo": "none"}),
+    ("hsm", {**COUNTS, "interclass_filter": 0.2}),
+    ("cosface", {"interclass_filter": 0.2}),
+    ("arcface", {"interclass_filter": -0.2}),
+    ("npcface", {"interclass_filter": 0.2}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), GRADCHECK, ids=lambda v: str(v))
 @settings(max_examples=5)
 @given(seed=seeds)
-def test_gradcheck(name, seed):
-    head, emb, weight, labels = head_and_batch(name, seed, **DIFFERENTIABLE[name])
+def test_gradcheck(name, params, seed):
+    head, emb, weight, labels = head_and_batch(name, seed, **params)
     key = weight_key(head)
     if name == "npcface":
         # m' is a constant by design (no grad), so the gradient is that of the logits with the
