@@ -12,7 +12,7 @@ R = [r_1; ...; r_K] (N, d). Then, with L = loss_fn(R, y) and G = dL/dR (N, d):
     sum(r_k · G_k). By the chain rule dL/dθ = Σ_k J_kᵀ G_k, so the gradient is exactly the
     large-batch gradient whenever the re-forward reproduces r_k (replayed RNG, deterministic
     kernels). Cost: one extra forward per chunk, i.e. 1 + F/(F+B) times a plain step whose
-    forward and backward take F and B; with K = 1 (and in ``chunk_loss``) the single chunk is
+    forward and backward take F and B. With K = 1 (here and in ``chunk_loss``) the one chunk is
     forwarded once with grad and kept through the loss, so K = 1 costs a plain step.
 ``chunk_loss``
     for each chunk k re-forward x_k with grad (replayed RNG), evaluate
