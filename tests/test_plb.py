@@ -272,19 +272,20 @@ def test_bn_running_stats_updated_once_per_chunk(mode):
     assert model[1].num_batches_tracked.item() == 4
 
 
+@pytest.mark.parametrize("chunk_size", [4, 12])  # 12: K = 1, the single-chunk fast path
 @pytest.mark.parametrize("mode", ["exact", "chunk_loss"])
-def test_bn_freeze_uses_and_keeps_running_stats(mode):
+def test_bn_freeze_uses_and_keeps_running_stats(mode, chunk_size):
     model, ref = twins("cnn")
     for m in (model, ref):  # non-trivial running stats, so eval-mode BN differs from train
         with torch.no_grad(), torch.random.fork_rng():
             m(make_batch("cnn", 8, seed=6, dtype=torch.float64)[0] * 3 + 1)
     before = [b.clone() for b in model.buffers()]
     x, y = make_batch("cnn", 12, seed=7, dtype=torch.float64)
-    run_plb(model, batch_hard_triplet, x, y, chunk_size=4, mode=mode, bn="freeze")
+    run_plb(model, batch_hard_triplet, x, y, chunk_size=chunk_size, mode=mode, bn="freeze")
     for m in ref.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
-    chunked_reference(ref, batch_hard_triplet, x, y, chunk_size=4)
+    chunked_reference(ref, batch_hard_triplet, x, y, chunk_size=chunk_size)
     assert rel_err(grads(model), grads(ref)) <= 1e-6
     for got, want in zip(model.buffers(), before, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -409,12 +410,21 @@ def test_metric_objective_select(name):
 # -- interfaces: hooks, loss parameters, tuple outputs, RNG, bad input ------------------------
 
 
-@pytest.mark.parametrize(("mode", "loss_calls"), [("exact", 1), ("select", 1), ("chunk_loss", 3)])
-def test_hooks_called_once_with_all_detached_embeddings(mode, loss_calls):
+@pytest.mark.parametrize(
+    ("mode", "chunk_size", "loss_calls"),
+    [
+        ("exact", 3, 1),
+        ("select", 3, 1),
+        ("chunk_loss", 3, 3),
+        ("exact", 9, 1),
+        ("chunk_loss", 9, 1),
+    ],
+)  # chunk 9 = K 1: the single-chunk fast path
+def test_hooks_called_once_with_all_detached_embeddings(mode, chunk_size, loss_calls):
     model = make_model("mlp", 0, torch.float64, 0.0)
     x, y = make_batch("mlp", 9, seed=9, dtype=torch.float64)
     loss_fn = RecordingLoss()
-    run_plb(model, loss_fn, x, y, 3, mode)
+    run_plb(model, loss_fn, x, y, chunk_size, mode)
     assert loss_fn.calls == ["before"] + ["loss"] * loss_calls + ["after"]
     with torch.no_grad():
         want = model(x)
@@ -495,19 +505,21 @@ def test_rejects_bad_batches():
 # -- mixed precision --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk_size", [4, 16])  # 16: K = 1, the single-chunk fast path
 @pytest.mark.parametrize("mode", ["exact", "chunk_loss"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_and_grad_scaler(mode, dtype):
+def test_autocast_and_grad_scaler(mode, dtype, chunk_size):
     """With and without a GradScaler, the autocast PLB step equals the autocast large-batch
     step whose loss is multiplied by the scale before its backward; .grad carries the scale."""
     scale = 2.0**12
     model, scaled, ref, ref_scaled = (make_model("cnn", 0, torch.float32, 0.3) for _ in range(4))
     x, y = make_batch("cnn", 16, seed=13, dtype=torch.float32)
-    loss = run_plb(model, batch_hard_triplet, x, y, 4, mode, autocast_dtype=dtype)
+    c = chunk_size
+    loss = run_plb(model, batch_hard_triplet, x, y, c, mode, autocast_dtype=dtype)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-    run_plb(scaled, batch_hard_triplet, x, y, 4, mode, autocast_dtype=dtype, scaler=scaler)
-    want = chunked_reference(ref, batch_hard_triplet, x, y, 4, autocast=dtype)
-    chunked_reference(ref_scaled, batch_hard_triplet, x, y, 4, autocast=dtype, scale=scale)
+    run_plb(scaled, batch_hard_triplet, x, y, c, mode, autocast_dtype=dtype, scaler=scaler)
+    want = chunked_reference(ref, batch_hard_triplet, x, y, c, autocast=dtype)
+    chunked_reference(ref_scaled, batch_hard_triplet, x, y, c, autocast=dtype, scale=scale)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
     assert rel_err(grads(model), grads(ref)) <= 1e-4
     assert rel_err(grads(scaled), grads(ref_scaled)) <= 1e-4
