@@ -121,14 +121,19 @@ class HSM(CosineHead):
         return self._saturated_logits(logits, labels)
 
     def _saturated_logits(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """`saturated` on logits (B, C) = s·cos with s·c'_y at the targets (left unchanged)."""
+        """`saturated` on logits (B, C) = s·cos with s·c'_y at the targets; overwrites them.
+
+        Both tests work in place on ``logits`` (no (B, C) temporary, which costs more than the
+        passes on CPU): "prob" takes log-sum-exp as max + log Σ exp(x − max), "gap" hides the
+        targets under −inf for the max over the other classes.
+        """
         rows = labels[:, None]
         target = logits.gather(1, rows).squeeze(1)
         if self.saturation == "prob":
-            return (target - torch.logsumexp(logits, dim=1)).exp() > self.tau
-        # best negative in place (no (B, C) copy): hide the targets, take the max, restore
+            top = logits.amax(dim=1, keepdim=True)
+            lse = logits.sub_(top).exp_().sum(dim=1).log_() + top.squeeze(1)
+            return (target - lse).exp() > self.tau
         best_negative = logits.scatter_(1, rows, -torch.inf).amax(dim=1)
-        logits.scatter_(1, rows, target[:, None])
         return (target - best_negative) / self.s > self.delta
 
     def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
@@ -148,6 +153,7 @@ class HSM(CosineHead):
         target = self.target_margin(logits.gather(1, labels[:, None]).squeeze(1) / self.s, labels)
         logits.scatter_(1, labels[:, None], (self.s * target)[:, None])
         saturated = self._saturated_logits(logits, labels)
+        torch.mul(cos, self.s, out=logits)  # the saturation test overwrote it
         if virtual:
             # rows that are not saturated get the most negative finite float: softmax weight 0
             out[:, classes] = torch.finfo(out.dtype).min
