@@ -153,13 +153,14 @@ class HSM(CosineHead):
         target = self.target_margin(logits.gather(1, labels[:, None]).squeeze(1) / self.s, labels)
         logits.scatter_(1, labels[:, None], (self.s * target)[:, None])
         saturated = self._saturated_logits(logits, labels)
-        torch.mul(cos, self.s, out=logits)  # the saturation test overwrote it
+        # rebuild s·cos (the test overwrote it), shifted in the same pass for a false class;
+        # the target entries are overwritten with s·c'_y afterwards
+        shift = self.s * self.m_p * saturated.to(out.dtype) * (not virtual)
+        torch.add(shift[:, None], cos, alpha=self.s, out=logits)
         if virtual:
             # rows that are not saturated get the most negative finite float: softmax weight 0
             out[:, classes] = torch.finfo(out.dtype).min
             out[:, classes].masked_fill_(saturated, self.s * (1.0 - self.m_p))
-        else:  # false class; the target entry is overwritten with s·c'_y afterwards
-            logits.add_((self.s * self.m_p * saturated.to(out.dtype))[:, None])
         return OthersMargin(out, self.target_margin)
 
     def extra_repr(self) -> str:
