@@ -216,3 +216,16 @@ def test_training_smoke_loss_decreases(name, params):
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, losses
+
+
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_inference_mode_gives_the_no_grad_logits(name):
+    # the fused op takes the margin's slope from autograd, which inference mode forbids
+    gen = torch.Generator().manual_seed(0)
+    head = HEADS[name](3, 4, **COUNTED.get(name, {}))
+    emb, labels = torch.randn(6, 3, generator=gen), torch.tensor([0, 0, 1, 1, 2, 3])
+    with torch.no_grad():
+        expected = head(emb, labels)
+    with torch.inference_mode():
+        actual = head(emb, labels)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)

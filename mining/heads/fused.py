@@ -109,12 +109,16 @@ class CosineLogits(torch.autograd.Function):
         target_cos = slope = None
         if target_margin is not None:
             target_cos = cos.gather(1, labels[:, None]).squeeze(1)
-            with torch.enable_grad():
-                c = (target_cos / inner).requires_grad_(True)
+            c = target_cos / inner
+            if torch.is_inference_mode_enabled():  # no backward can follow: no slope
                 psi = target_margin(c, labels)
-                (slope,) = torch.autograd.grad(psi, c, torch.ones_like(psi), allow_unused=True)
-            if slope is None:  # ψ does not depend on c (e.g. a constant): no gradient flows
-                slope = torch.zeros_like(target_cos)
+            else:
+                with torch.enable_grad():
+                    c.requires_grad_(True)
+                    psi = target_margin(c, labels)
+                    (slope,) = torch.autograd.grad(psi, c, torch.ones_like(psi), allow_unused=True)
+                if slope is None:  # ψ does not depend on c (e.g. a constant): no gradient
+                    slope = torch.zeros_like(target_cos)
             # the margin's own (B-sized) arithmetic may be in a lower autocast dtype
             out.scatter_(1, labels[:, None], (s * psi.detach()).to(out.dtype)[:, None])
         ctx.s, ctx.outer, ctx.mask_slope = s, s / inner, mask_slope
