@@ -32,6 +32,17 @@ from harness.data import PairBatchSampler
 from harness.measure import StepTimer
 
 PROBE_SIZE = 64
+# per-step curve columns (the second table of a trial; dtypes in results.CURVE_SCHEMA)
+CURVE_COLUMNS: tuple[str, ...] = (
+    "step",
+    "loss",
+    "samples_per_s",
+    "memory_share",
+    "neg_age",
+    "drift",
+)
+# curve columns summarised over the last steps into the trial's row
+_SUMMARISED = ("memory_share", "neg_age", "drift")
 
 
 def endless_batches(
@@ -135,9 +146,7 @@ def train(
 
     timer = StepTimer(device)
     injector = Injector(cfg["debug"]["inject"], cfg["debug"]["inject_step"], deadline_check)
-    curves: dict[str, list[Any]] = {
-        k: [] for k in ("step", "loss", "samples_per_s", "memory_share", "neg_age", "drift")
-    }
+    curves: dict[str, list[Any]] = {k: [] for k in CURVE_COLUMNS}
     model.train()
     for step in range(tr["steps"]):
         deadline_check()
@@ -173,7 +182,7 @@ def train(
                 progress({"step": step, "loss": row["loss"], "samples_per_s": rate})
     tail = max(1, len(curves["step"]) // 10)
     summary = {"steps": tr["steps"], "final_loss": _mean(curves["loss"][-tail:])}
-    summary.update({k: _mean(curves[k][-tail:]) for k in ("memory_share", "neg_age", "drift")})
+    summary.update({k: _mean(curves[k][-tail:]) for k in _SUMMARISED})
     return summary, curves, timer
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from harness import measure
 from harness.executors.base import TrialOutcome, TrialSpec
+from harness.metrics import far_key
 
 
 class TrialTimeout(Exception):
@@ -61,21 +62,6 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "drift",
     "final_loss",
 )
-CURVE_COLUMNS: tuple[str, ...] = (
-    "step",
-    "loss",
-    "samples_per_s",
-    "memory_share",
-    "neg_age",
-    "drift",
-)
-
-
-def far_key(far: float) -> str:
-    """Column name of TAR at `far`, e.g. `tar@1e-3` (harness.metrics.far_key when present)."""
-    from harness.metrics import far_key as metrics_far_key
-
-    return metrics_far_key(far)
 
 
 def config_key(config: dict[str, Any]) -> str:
