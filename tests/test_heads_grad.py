@@ -53,12 +53,19 @@ GRADCHECK = [(name, params) for name, params in DIFFERENTIABLE.items()] + [
 @given(seed=seeds)
 def test_gradcheck(name, params, seed):
     head, emb, weight, labels = head_and_batch(name, seed, **params)
+    # gradcheck runs many backwards through one forward: the masks must survive them
+    (head.base if name == "unpg" else head).reuse_masks = False
     key = weight_key(head)
     if name == "npcface":
         # m' is a constant by design (no grad), so the gradient is that of the logits with the
         # hard mask and m' frozen at this point; the test below checks m' gets no gradient.
-        frozen = head.hard_negatives(head.cosine(emb), labels)
-        head.hard_negatives = lambda cos, labels: frozen
+        hard, m_prime = head.hard_negatives(head.cosine(emb), labels)
+
+        def frozen(logits, labels):  # the formula with M and m' fixed; a fresh M each time
+            logits.addcmul_(logits, hard, value=head.t - 1.0).add_(hard, alpha=head.s * head.alpha)
+            return hard.clone(), m_prime
+
+        head.apply_hard_negatives = frozen
 
     def logits(e, w):
         return functional_call(head, {key: w}, (e, labels))
@@ -145,3 +152,39 @@ def test_interclass_filtered_entries_get_no_gradient(name):
     assert filtered.any()
     for g in torch.autograd.grad(logits[:, :6][filtered].sum(), (e, w)):
         assert torch.count_nonzero(g) == 0
+
+
+MASKED = [
+    ("npcface", {}),
+    ("arcface", {"interclass_filter": 0.2}),
+    ("npcface", {"interclass_filter": 0.2}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), MASKED, ids=lambda v: str(v))
+@given(seed=seeds)
+def test_gradient_in_the_masks_equals_a_fresh_gradient(name, params, seed):
+    # reuse_masks computes h in the filter's / NPCFace's mask storage instead of a new tensor
+    head, emb, weight, labels = head_and_batch(name, seed, **params)
+    probe = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    reused = grads(head, emb, weight, labels, probe)
+    head.reuse_masks = False
+    fresh = grads(head, emb, weight, labels, probe)
+    for a, b in zip(reused, fresh, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "params"), MASKED, ids=lambda v: str(v))
+def test_second_backward_needs_reuse_masks_off(name, params):
+    head, emb, _, labels = head_and_batch(name, 0, **params)
+    emb.requires_grad_()
+    loss = head(emb, labels).square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="reuse_masks=False"):
+        loss.backward()
+    head.reuse_masks, emb.grad = False, None
+    loss = head(emb, labels).square().sum()
+    loss.backward(retain_graph=True)
+    first = emb.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(emb.grad, 2 * first)

@@ -89,6 +89,11 @@ class CosineHead(CheckedParams, nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)  # arcface_torch's init of the class centres
 
+    #: The backward computes its gradient in the storage of the interclass filter's and the
+    #: margin's (B, C) masks, which saves a fresh (B, C) tensor per step on CPU but allows one
+    #: backward per forward; set False to backward twice (``retain_graph=True``, gradcheck).
+    reuse_masks = True
+
     #: True when the margin changes only the target logits (`target_margin`); False for a
     #: head that implements `others_margin`.
     target_only = True
@@ -105,8 +110,11 @@ class CosineHead(CheckedParams, nn.Module):
         """
         return c
 
-    def others_margin(self, cos: Tensor, labels: Tensor) -> OthersMargin:
-        """Scaled logits from the clamped, filtered cosines (B, C), for ``target_only = False``."""
+    def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
+        """Output logits from s·cos (B, C), clamped and filtered, for ``target_only = False``.
+
+        ``logits`` belongs to the hook: it may build its output there (see `OthersMargin`).
+        """
         raise NotImplementedError(f"{type(self).__name__} changes only the target logits")
 
     def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,7 +127,7 @@ class CosineHead(CheckedParams, nn.Module):
         c = target_cosine(cos, labels)
         if self.target_only:
             return cos, self.target_margin(c, labels)
-        margin = self.others_margin(cos, labels)
+        margin = self.others_margin(self.s * cos, labels)  # the hook may overwrite its input
         return margin.others / self.s, margin.target(c, labels)
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
@@ -127,8 +135,9 @@ class CosineHead(CheckedParams, nn.Module):
         check_labels(emb, labels, self.num_classes)
         hooks = (self.target_margin, None) if self.target_only else (None, self.others_margin)
         return CosineLogits.apply(
-            emb, self.weight, labels, self.s, COS_EPS, self.interclass_filter, *hooks
-        )
+            emb, self.weight, labels, self.s, COS_EPS, self.interclass_filter, *hooks,
+            self.reuse_masks,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

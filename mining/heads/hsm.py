@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mining.heads.base import CosineHead
-from mining.heads.fused import OthersMargin
+from mining.heads.fused import OthersMargin, row_reduce
 from mining.heads.params import check_choice, check_range
 
 PSEUDO_VARIANTS = ("false_class", "virtual_class", "none")
@@ -117,24 +117,26 @@ class HSM(CosineHead):
     @torch.no_grad()
     def saturated(self, cos: Tensor, target: Tensor, labels: Tensor) -> Tensor:
         """Boolean (B,): rows whose target c'_y (B,) already wins against cos (B, C)'s others."""
-        logits = (self.s * cos).scatter_(1, labels[:, None], (self.s * target)[:, None])
-        return self._saturated_logits(logits, labels)
+        return self._saturated_logits(self.s * cos, self.s * target, labels)
 
-    def _saturated_logits(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """`saturated` on logits (B, C) = s·cos with s·c'_y at the targets; overwrites them.
+    @torch.no_grad()
+    def _saturated_logits(self, logits: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+        """`saturated` on logits = s·cos (B, C) and target logits s·c'_y (B,).
 
-        Both tests work in place on ``logits`` (no (B, C) temporary, which costs more than the
-        passes on CPU): "prob" takes log-sum-exp as max + log Σ exp(x − max), "gap" hides the
-        targets under −inf for the max over the other classes.
+        ``logits`` is left as it came: its targets are hidden under −inf while the other
+        classes are reduced (no (B, C) temporary, which costs more than a pass on CPU).
+        "prob": log p_y = s·c'_y − logaddexp(s·c'_y, LSE_{j≠y} s·cos_j), the LSE in row blocks.
         """
         rows = labels[:, None]
-        target = logits.gather(1, rows).squeeze(1)
-        if self.saturation == "prob":
-            top = logits.amax(dim=1, keepdim=True)
-            lse = logits.sub_(top).exp_().sum(dim=1).log_() + top.squeeze(1)
-            return (target - lse).exp() > self.tau
-        best_negative = logits.scatter_(1, rows, -torch.inf).amax(dim=1)
-        return (target - best_negative) / self.s > self.delta
+        original = logits.gather(1, rows)
+        logits.scatter_(1, rows, -torch.inf)
+        try:
+            if self.saturation == "prob":
+                others = row_reduce(lambda x: torch.logsumexp(x, dim=1), logits)
+                return (target - torch.logaddexp(target, others)).exp() > self.tau
+            return (target - logits.amax(dim=1)) / self.s > self.delta
+        finally:
+            logits.scatter_(1, rows, original)
 
     def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
         """Step 1: c'_y = cos θ_y − m_y for target cosines c (B,)."""
@@ -145,22 +147,18 @@ class HSM(CosineHead):
             )
         return c - self.class_margins(labels).to(c.dtype)
 
-    def others_margin(self, cos: Tensor, labels: Tensor) -> OthersMargin:
-        batch, classes = cos.shape
-        virtual = self.pseudo == "virtual_class"
-        out = cos.new_empty(batch, classes + virtual)  # the output logits
-        logits = torch.mul(cos, self.s, out=out[:, :classes])
-        target = self.target_margin(logits.gather(1, labels[:, None]).squeeze(1) / self.s, labels)
-        logits.scatter_(1, labels[:, None], (self.s * target)[:, None])
-        saturated = self._saturated_logits(logits, labels)
-        # rebuild s·cos (the test overwrote it), shifted in the same pass for a false class;
-        # the target entries are overwritten with s·c'_y afterwards
-        shift = self.s * self.m_p * saturated.to(out.dtype) * (not virtual)
-        torch.add(shift[:, None], cos, alpha=self.s, out=logits)
-        if virtual:
-            # rows that are not saturated get the most negative finite float: softmax weight 0
-            out[:, classes] = torch.finfo(out.dtype).min
-            out[:, classes].masked_fill_(saturated, self.s * (1.0 - self.m_p))
+    def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
+        batch, classes = logits.shape
+        c = logits.gather(1, labels[:, None]).squeeze(1) / self.s
+        saturated = self._saturated_logits(logits, self.s * self.target_margin(c, labels), labels)
+        if self.pseudo == "false_class":  # in place; the targets are overwritten afterwards
+            logits.add_((self.s * self.m_p * saturated.to(logits.dtype))[:, None])
+            return OthersMargin(logits, self.target_margin)
+        out = logits.new_empty(batch, classes + 1)
+        out[:, :classes] = logits
+        # rows that are not saturated get the most negative finite float: softmax weight 0
+        out[:, classes] = torch.finfo(out.dtype).min
+        out[:, classes].masked_fill_(saturated, self.s * (1.0 - self.m_p))
         return OthersMargin(out, self.target_margin)
 
     def extra_repr(self) -> str:

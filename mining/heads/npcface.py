@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mining.heads.arcface import cos_plus
 from mining.heads.base import CosineHead, target_cosine
-from mining.heads.fused import OthersMargin
+from mining.heads.fused import OthersMargin, row_blocks
 from mining.heads.params import check_range
 
 
@@ -51,22 +51,35 @@ class NPCFace(CosineHead):
 
     @torch.no_grad()
     def hard_negatives(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Hard mask M (B, C) and sample margins m' (B,) for clamped cosines (B, C).
+        """Hard mask M (B, C) (float 0/1) and sample margins m' (B,) for clamped cosines (B, C)."""
+        return self.apply_hard_negatives(cos * self.s, labels)
 
-        M is a float 0/1 tensor in ``cos``'s dtype: float masks take one vectorised pass where
-        boolean ones are several times slower on CPU (and M scales the gradient in backward).
+    @torch.no_grad()
+    def apply_hard_negatives(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Turn s·cos (B, C) in place into s·(t·cos + α) on the hard negatives; return M, m'.
+
+        M (B, C) is a float 0/1 tensor in the logits' dtype (float masks take one vectorised
+        pass where boolean ones take several on CPU; the backward computes its gradient in it).
+        Done in row blocks (`row_blocks`): the mask, its count, the hard-cosine sum and the
+        new logits of a block are computed while it is in cache, one memory sweep in all
+        instead of five.
         """
-        threshold = cos_plus(target_cosine(cos, labels), self.m)
-        hard = torch.gt(cos, threshold[:, None], out=torch.empty_like(cos))
-        hard.scatter_(1, labels[:, None], 0.0)
-        count = hard.sum(1)
-        mean_hard = torch.linalg.vecdot(hard, cos) / count.clamp(min=1)  # 0 when no hard
+        s = self.s
+        threshold = s * cos_plus(target_cosine(logits, labels) / s, self.m)  # (B,)
+        hard = torch.empty_like(logits)
+        count, hard_sum = logits.new_empty(len(labels)), logits.new_empty(len(labels))
+        for rows in row_blocks(logits):
+            x, m = logits[rows], hard[rows]
+            torch.gt(x, threshold[rows, None], out=m)
+            m.scatter_(1, labels[rows, None], 0.0)
+            torch.sum(m, 1, out=count[rows])
+            torch.sum(m * x, 1, out=hard_sum[rows])
+            x.addcmul_(x, m, value=self.t - 1.0).add_(m, alpha=s * self.alpha)
+        mean_hard = hard_sum / (s * count.clamp(min=1))  # 0 when there is no hard negative
         return hard, self.m0 + self.m1 * mean_hard
 
-    def others_margin(self, cos: Tensor, labels: Tensor) -> OthersMargin:
-        hard, sample_margin = self.hard_negatives(cos, labels)
-        logits = cos * self.s  # the output: s·(t·cos + α) on hard negatives, s·cos elsewhere
-        logits.addcmul_(logits, hard, value=self.t - 1.0).add_(hard, alpha=self.s * self.alpha)
+    def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
+        hard, sample_margin = self.apply_hard_negatives(logits, labels)
 
         def target(c: Tensor, labels: Tensor) -> Tensor:
             return torch.where(c > 0, cos_plus(c, sample_margin.to(c.dtype)), c)
