@@ -189,6 +189,7 @@ def test_hsm_without_counts_raises_and_counts_survive_state_dict():
         ("hsm", {"pseudo": "false_class"}),
         ("hsm", {"pseudo": "virtual_class", "saturation": "gap"}),
         ("unpg", {"base": "arcface"}),
+        ("unpg", {"base": "hsm"}),
         ("cosface", {"interclass_filter": 0.4}),
     ],
 )
@@ -200,7 +201,7 @@ def test_training_smoke_loss_decreases(name, params):
     x = centres[labels] + torch.randn(len(labels), dim_in, generator=gen)
     model = nn.Linear(dim_in, dim_emb)
     head = HEADS[name](dim_emb, classes, **params)
-    if name == "hsm":
+    if hasattr(head, "count_labels"):  # as the harness does: HSM, alone or under UNPG
         head.count_labels(labels)
     with torch.no_grad():  # deterministic init from the test's generator, not the global RNG
         for p in (*model.parameters(), head.weight):
@@ -229,3 +230,10 @@ def test_inference_mode_gives_the_no_grad_logits(name):
     with torch.inference_mode():
         actual = head(emb, labels)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_unpg_exposes_count_labels_only_over_hsm():
+    assert not hasattr(HEADS["unpg"](3, 4, base="arcface"), "count_labels")
+    head = HEADS["unpg"](3, 4, base="hsm")
+    head.count_labels(torch.tensor([0, 1, 1, 3]))
+    assert head.base.class_counts.tolist() == [1, 2, 0, 1]

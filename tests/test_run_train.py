@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,9 +40,10 @@ def test_momentum_sgd_skips_params_without_grad():
     assert torch.equal(p.detach(), torch.ones(2))
 
 
-def test_hsm_head_trial_gets_class_counts_from_the_training_labels():
+@pytest.mark.parametrize("head", ['head = "hsm"', 'head = "unpg"\nhead_params = {base = "hsm"}'])
+def test_hsm_head_trial_gets_class_counts_from_the_training_labels(head):
     """HSM's class-size margin needs n_j; the trainer counts them from the training split
-    (a trial used to fail with 'class count is 0' on its first batch)."""
+    (a trial used to fail with 'class count is 0' on its first batch), also under UNPG."""
     from harness.suite import parse_suite
     from harness.trial import run_trial
 
@@ -65,10 +67,10 @@ steps = 3
 batch = 16
 device = "cpu"
 [baseline]
-head = "hsm"
+{head}
 [eval]
 far = [1e-1]
-"""
+""".format(head=head)
     )
     row, curves = run_trial(suite.trials[0].model_dump())
     assert len(curves["loss"]) >= 1

@@ -14,6 +14,8 @@ different-label pair (K = 0) the logits are exactly the base head's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -93,6 +95,15 @@ class UNPG(CheckedParams, nn.Module):
     @property
     def num_classes(self) -> int:
         return self.base.num_classes
+
+    @property
+    def count_labels(self) -> Callable[[Tensor], None]:
+        """The base head's ``count_labels`` (HSM's class counts); absent for other bases.
+
+        Raises AttributeError when the base has none, so ``hasattr(head, "count_labels")``
+        tells a trainer whether the head needs the class counts, wrapped or not.
+        """
+        return self.base.count_labels
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B, d), (B,) -> logits (B, C' + K)."""
