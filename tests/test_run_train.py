@@ -48,7 +48,7 @@ def test_hsm_head_trial_gets_class_counts_from_the_training_labels(head):
     from harness.trial import run_trial
 
     suite = parse_suite(
-        """
+        f"""
 [suite]
 name = "hsm"
 seeds = [0]
@@ -70,7 +70,7 @@ device = "cpu"
 {head}
 [eval]
 far = [1e-1]
-""".format(head=head)
+"""
     )
     row, curves = run_trial(suite.trials[0].model_dump())
     assert len(curves["loss"]) >= 1
