@@ -27,8 +27,10 @@ class OthersMargin(NamedTuple):
     """What a margin that changes non-target logits returns from ``others_margin(logits, labels)``.
 
     The hook receives ``logits`` = s·cos (B, C) (clamped, filtered) and owns it: it may build
-    its output in place there. ``others`` (B, C'), C' ≥ C: the output logits (``logits``
-    itself or a new tensor; its target column is overwritten with s·ψ(cos θ_y)); its first C
+    its output in place there and return it (the backward then takes Σ_i h_ij s·cos_ij from
+    the (C, d) gradient), or return a new tensor and leave ``logits`` unchanged (the backward
+    reuses them). ``others`` (B, C'), C' ≥ C: the output logits (its target column is
+    overwritten with s·ψ(cos θ_y)); its first C
     columns must be s·(a_ij·cos_ij + b_ij) with a_ij = ``slope`` where ``mask`` is 1 and 1
     elsewhere (b, ``mask`` and extra columns are constants). ``mask``: float 0/1 (B, C), or
     None when ``slope`` is 1; it is handed over too: the backward computes the gradient in
@@ -44,7 +46,7 @@ class OthersMargin(NamedTuple):
 #: ``others_margin(logits (B, C) = s·cos, clamped and filtered, labels (B,)) -> OthersMargin``.
 OthersMarginFn = Callable[[Tensor, Tensor], OthersMargin]
 
-#: CPU row blocks of `row_reduce` hold about this many elements (1 MiB of float32): the
+#: CPU row blocks of `row_blocks` hold about this many elements (1 MiB of float32): the
 #: block's temporaries stay in cache and malloc reuses them, where one (B, C) temporary
 #: costs page faults worth ~6 memory passes.
 BLOCK_ELEMS = 1 << 18
@@ -69,11 +71,6 @@ def row_reduce(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     ``logsumexp``; ``torch.linalg.vecdot`` too, at 10× a memory pass).
     """
     return torch.cat([fn(*(t[rows] for t in tensors)) for rows in row_blocks(tensors[0])])
-
-
-def rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_k a_ik·b_ik: (N, K), (N, K) -> (N,) (see `row_reduce`)."""
-    return row_reduce(lambda x, y: (x * y).sum(1), a, b)
 
 
 def _scaled_gradient(
@@ -228,8 +225,11 @@ class CosineLogits(torch.autograd.Function):
             w = weight.to(h.dtype)
             grad_weight = h.T @ su
             norm = weight_norm.to(h.dtype)
-            if cos is None:  # r_j / |W_j| = <G_j, W_j> / |W_j|²
-                coef = rowwise_dot(grad_weight, w).div_(norm.square())
+            if cos is None:  # r_j / |W_j| = <G_j, W_j> / |W_j|²: both passes per row block
+                for block in row_blocks(grad_weight):
+                    g, w_block = grad_weight[block], w[block]
+                    coef = (g * w_block).sum(1).div_(norm[block].square())
+                    g.addcmul_(w_block, coef[:, None], value=-1.0)
             else:
                 # r_j = Σ_i h_ij s·cos_ij: h is ours, so multiply it in place by the output
                 # and put back s·cos (not s·ψ) at the B targets
@@ -238,6 +238,6 @@ class CosineLogits(torch.autograd.Function):
                     products.scatter_(1, rows, (h_target * target_cos.to(h.dtype))[:, None])
                 # column sums as a GEMV: about 3× faster than sum(0) on CPU, no zero fill
                 coef = (products.new_ones(products.shape[0]) @ products).div_(norm)
-            grad_weight.addcmul_(w, coef[:, None], value=-1.0)
+                grad_weight.addcmul_(w, coef[:, None], value=-1.0)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_emb, grad_weight, None, None, None, None, None, None, None
