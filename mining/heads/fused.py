@@ -106,9 +106,9 @@ class CosineLogits(torch.autograd.Function):
                    s · ψ(cos_iy)               j = y_i     (ψ = the margin's target, or identity)
 
     ``forward(ctx, emb (B, d), weight (C, d), labels (B,) or None, s, eps, threshold or None,
-    target_margin or None, others_margin or None, reuse_masks=True) -> (B, C')``, in at least float32 (also under
-    autocast). ``emb`` is raw (normalised here, as ``F.normalize``); ``labels`` may be None only
-    without filter and margin; at most one of the two margin hooks.
+    target_margin or None, others_margin or None, reuse_masks=True) -> (B, C')``, in at least
+    float32 (also under autocast). ``emb`` is raw (normalised here, as ``F.normalize``);
+    ``labels`` may be None only without filter and margin; at most one of the two margin hooks.
 
     Never materialises a normalised (C, d) copy of W: the (B, C) product of the scaled unit
     embeddings s·u_i with W is divided in place by |W_j| per column, giving s·cos, which
