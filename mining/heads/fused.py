@@ -198,8 +198,8 @@ class CosineLogits(torch.autograd.Function):
         if ctx.masks is None:
             raise RuntimeError(
                 "CosineLogits: a second backward through the same forward (retain_graph=True)"
-                " after the first one computed its gradient in the margin's masks; build the"
-                " head with reuse_masks=False to backward more than once"
+                " after the first one computed its gradient in the margin's masks; set"
+                " head.reuse_masks = False to backward more than once"
             )
         keep, mask = ctx.masks
         if ctx.reuse_masks and (keep is not None or mask is not None):

@@ -97,6 +97,15 @@ class UNPG(CheckedParams, nn.Module):
         return self.base.num_classes
 
     @property
+    def reuse_masks(self) -> bool:
+        """The base head's `CosineHead.reuse_masks` (False to backward twice through a forward)."""
+        return self.base.reuse_masks
+
+    @reuse_masks.setter
+    def reuse_masks(self, value: bool) -> None:
+        self.base.reuse_masks = value
+
+    @property
     def count_labels(self) -> Callable[[Tensor], None]:
         """The base head's ``count_labels`` (HSM's class counts); absent for other bases.
 
