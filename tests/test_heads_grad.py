@@ -158,6 +158,7 @@ MASKED = [
     ("npcface", {}),
     ("arcface", {"interclass_filter": 0.2}),
     ("npcface", {"interclass_filter": 0.2}),
+    ("unpg", {"base": "npcface"}),  # reuse_masks set on the wrapper reaches the base head
 ]
 
 
@@ -166,7 +167,9 @@ MASKED = [
 def test_gradient_in_the_masks_equals_a_fresh_gradient(name, params, seed):
     # reuse_masks computes h in the filter's / NPCFace's mask storage instead of a new tensor
     head, emb, weight, labels = head_and_batch(name, seed, **params)
-    probe = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    shape = head(emb, labels).shape  # UNPG appends its negative-pair columns
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.randn(shape, generator=gen, dtype=torch.float64)
     reused = grads(head, emb, weight, labels, probe)
     head.reuse_masks = False
     fresh = grads(head, emb, weight, labels, probe)
