@@ -30,11 +30,10 @@ class OthersMargin(NamedTuple):
     its output in place there and return it (the backward then takes Σ_i h_ij s·cos_ij from
     the (C, d) gradient), or return a new tensor and leave ``logits`` unchanged (the backward
     reuses them). ``others`` (B, C'), C' ≥ C: the output logits (its target column is
-    overwritten with s·ψ(cos θ_y)); its first C
-    columns must be s·(a_ij·cos_ij + b_ij) with a_ij = ``slope`` where ``mask`` is 1 and 1
-    elsewhere (b, ``mask`` and extra columns are constants). ``mask``: float 0/1 (B, C), or
-    None when ``slope`` is 1; it is handed over too: the backward computes the gradient in
-    its storage.
+    overwritten with s·ψ(cos θ_y)); its first C columns must be s·(a_ij·cos_ij + b_ij) with
+    a_ij = ``slope`` where ``mask`` is 1 and 1 elsewhere (b, ``mask`` and extra columns are
+    constants). ``mask``: float 0/1 (B, C), or None when ``slope`` is 1; it is handed over
+    too: the backward computes the gradient in its storage.
     """
 
     others: Tensor
@@ -74,16 +73,21 @@ def row_reduce(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
 
 
 def _scaled_gradient(
-    grad: Tensor, weight_norm: Tensor, keep: Tensor | None, mask: Tensor | None, slope: float
+    grad: Tensor,
+    weight_norm: Tensor,
+    keep: Tensor | None,
+    mask: Tensor | None,
+    slope: float,
+    in_masks: bool,
 ) -> Tensor:
     """h_ij = grad_ij · a_ij · keep_ij / |W_j| (B, C), a_ij = ``slope`` where mask_ij = 1, else 1.
 
-    Written into a handed-over mask (``mask``, then ``keep``) where one fits: the only fresh
-    (B, C) tensor of the backward otherwise.
+    With ``in_masks``, written into a handed-over mask (``mask``, then ``keep``) where one
+    fits: the only fresh (B, C) tensor of the backward otherwise.
     """
 
     def fits(t: Tensor | None) -> bool:
-        return t is not None and t.dtype == grad.dtype and t.shape == grad.shape
+        return in_masks and t is not None and t.dtype == grad.dtype and t.shape == grad.shape
 
     h = None
     if mask is not None and slope != 1.0:
@@ -132,7 +136,7 @@ class CosineLogits(torch.autograd.Function):
     waits for all its threads. With ``reuse_masks`` the backward computes h in the masks (the
     filter's and the margin's), saving a fresh (B, C) tensor (~20 ms at B = 256, C = 1e5 on
     CPU), so a second backward through the same forward (``retain_graph=True``, gradcheck) is
-    refused with a clear error; ``reuse_masks=False`` copies them instead.
+    refused with a clear error; with ``reuse_masks=False`` h is a fresh tensor.
     """
 
     @staticmethod
@@ -203,11 +207,9 @@ class CosineLogits(torch.autograd.Function):
             )
         keep, mask = ctx.masks
         if ctx.reuse_masks and (keep is not None or mask is not None):
-            ctx.masks = None
-        else:
-            keep, mask = (None if t is None else t.clone() for t in (keep, mask))
+            ctx.masks = None  # h is about to overwrite them
         grad = grad[:, : weight.shape[0]]  # extra columns (e.g. a virtual class) are constants
-        h = _scaled_gradient(grad, weight_norm, keep, mask, ctx.mask_slope)
+        h = _scaled_gradient(grad, weight_norm, keep, mask, ctx.mask_slope, ctx.reuse_masks)
         if slope is not None:
             rows = labels[:, None]
             h_target = h.gather(1, rows).squeeze(1) * slope.to(h.dtype)
@@ -224,12 +226,12 @@ class CosineLogits(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             w = weight.to(h.dtype)
             grad_weight = h.T @ su
-            norm = weight_norm.to(h.dtype)
+            w_norm = weight_norm.to(h.dtype)
             if cos is None:  # r_j / |W_j| = <G_j, W_j> / |W_j|²: both passes per row block
                 for block in row_blocks(grad_weight):
-                    g, w_block = grad_weight[block], w[block]
-                    coef = (g * w_block).sum(1).div_(norm[block].square())
-                    g.addcmul_(w_block, coef[:, None], value=-1.0)
+                    g_block, w_block = grad_weight[block], w[block]
+                    coef = (g_block * w_block).sum(1).div_(w_norm[block].square())
+                    g_block.addcmul_(w_block, coef[:, None], value=-1.0)
             else:
                 # r_j = Σ_i h_ij s·cos_ij: h is ours, so multiply it in place by the output
                 # and put back s·cos (not s·ψ) at the B targets
@@ -237,7 +239,7 @@ class CosineLogits(torch.autograd.Function):
                 if slope is not None:
                     products.scatter_(1, rows, (h_target * target_cos.to(h.dtype))[:, None])
                 # column sums as a GEMV: about 3× faster than sum(0) on CPU, no zero fill
-                coef = (products.new_ones(products.shape[0]) @ products).div_(norm)
+                coef = (products.new_ones(products.shape[0]) @ products).div_(w_norm)
                 grad_weight.addcmul_(w, coef[:, None], value=-1.0)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_emb, grad_weight, None, None, None, None, None, None, None

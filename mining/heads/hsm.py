@@ -114,7 +114,6 @@ class HSM(CosineHead):
         n = counts if labels is None else counts[labels]
         return torch.where(n > 0, self.m_max * (n_min / n.clamp(min=1)) ** 0.25, 0.0)
 
-    @torch.no_grad()
     def saturated(self, cos: Tensor, target: Tensor, labels: Tensor) -> Tensor:
         """Boolean (B,): rows whose target c'_y (B,) already wins against cos (B, C)'s others."""
         return self._saturated_logits(self.s * cos, self.s * target, labels)
@@ -138,28 +137,37 @@ class HSM(CosineHead):
         finally:
             logits.scatter_(1, rows, original)
 
-    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
-        """Step 1: c'_y = cos θ_y − m_y for target cosines c (B,)."""
+    def batch_margins(self, labels: Tensor) -> Tensor:
+        """m_y (B,) of the batch labels; a ValueError if a label's class was never counted."""
         if (self.class_counts[labels] == 0).any():
             raise ValueError(
                 "HSM needs the class counts of every batch label: pass class_counts=... "
                 "or call set_class_counts(...) / count_labels(...) first"
             )
-        return c - self.class_margins(labels).to(c.dtype)
+        return self.class_margins(labels)
+
+    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
+        """Step 1: c'_y = cos θ_y − m_y for target cosines c (B,)."""
+        return c - self.batch_margins(labels).to(c.dtype)
 
     def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
         batch, classes = logits.shape
+        margins = self.batch_margins(labels)  # once per forward: a pass over the C counts
+
+        def target(c: Tensor, labels: Tensor) -> Tensor:  # = target_margin
+            return c - margins.to(c.dtype)
+
         c = logits.gather(1, labels[:, None]).squeeze(1) / self.s
-        saturated = self._saturated_logits(logits, self.s * self.target_margin(c, labels), labels)
+        saturated = self._saturated_logits(logits, self.s * target(c, labels), labels)
         if self.pseudo == "false_class":  # in place; the targets are overwritten afterwards
             logits.add_((self.s * self.m_p * saturated.to(logits.dtype))[:, None])
-            return OthersMargin(logits, self.target_margin)
+            return OthersMargin(logits, target)
         out = logits.new_empty(batch, classes + 1)
         out[:, :classes] = logits
         # rows that are not saturated get the most negative finite float: softmax weight 0
         out[:, classes] = torch.finfo(out.dtype).min
         out[:, classes].masked_fill_(saturated, self.s * (1.0 - self.m_p))
-        return OthersMargin(out, self.target_margin)
+        return OthersMargin(out, target)
 
     def extra_repr(self) -> str:
         return (
