@@ -1,4 +1,4 @@
-"""Metric losses on the similarities of mined triples (methods.md §4).
+"""Metric losses on the similarities of mined triples (docs/methods.md §4).
 
 A loss gets :class:`TermSims` — per mined triple ``t`` the cosine similarities ``ap (T,)``,
 ``an (T,)`` (and ``nn (T,)``, s(n1, n2), for the quadruplet), all with gradient — and returns the

@@ -1,10 +1,11 @@
 """Cross-batch memory: a FIFO ring buffer of past embeddings, their labels and their age.
 
-The memory of CB-HEM (methods.md §2) holds the last ``size`` embeddings written to it, detached
-from the graph, with their identity labels, the step at which each was written and optionally
-their image domain (IvS: 0 = ID photo, 1 = spot photo; :data:`UNKNOWN_DOMAIN` when not given). It is exact
-FIFO for any batch size (a batch larger than the free slots wraps around; a batch larger than the
-whole memory keeps its newest ``size`` rows), and "how full" is a counter, never a sentinel label.
+The memory of CB-HEM (docs/methods.md §2) holds the last ``size`` embeddings written to it,
+detached from the graph, with their identity labels, the step at which each was written and
+optionally their image domain (IvS: 0 = ID photo, 1 = spot photo; :data:`UNKNOWN_DOMAIN` when
+not given). It is exact FIFO for any batch size (a batch larger than the free slots wraps
+around; a batch larger than the whole memory keeps its newest ``size`` rows), and "how full" is
+a counter, never a sentinel label.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mining rules over the current batch ∪ a cross-batch memory (methods.md §2).
+"""Mining rules over the current batch ∪ a cross-batch memory (docs/methods.md §2).
 
 A miner sees :class:`Candidates` (detached, L2-normalised embeddings of the batch and of the
 memory) and returns :class:`Mined` index triples ``(anchor, positive, negative)``: anchors and

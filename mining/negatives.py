@@ -1,9 +1,9 @@
 """Chunked search for negatives: the k most similar (or k random) candidates of another identity.
 
-Cost rule (methods.md §2): never materialise the B×M similarity matrix of a large memory. The
-candidates are scanned in chunks of ``chunk`` rows: one GEMM ``(B, d) @ (d, chunk)`` per chunk,
-a broadcast label compare ``(B, chunk)`` to mask same-identity entries, then a max (k = 1) or a
-top-k merged into a running top-k. Peak extra memory is O(B·chunk), independent of M.
+Cost rule (docs/methods.md §2): never materialise the B×M similarity matrix of a large memory.
+The candidates are scanned in chunks of ``chunk`` rows: one GEMM ``(B, d) @ (d, chunk)`` per
+chunk, a broadcast label compare ``(B, chunk)`` to mask same-identity entries, then a max (k = 1)
+or a top-k merged into a running top-k. Peak extra memory is O(B·chunk), independent of M.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ The protocol (docs/architecture.md) used by training loops, PLB and the harness:
     obj.after_loss(emb.detach(), labels)   # once per step; enqueues here if enqueue="after"
     obj.last_stats                         # dict[str, float] of the latest call
 
-CB-HEM [recon] (methods.md §2): negatives are mined over batch ∪ memory once the memory is
-active (``warmup_steps`` steps done and not empty). Each mined term's loss is weighted 1 when its
-negative is a batch row and ``memory_weight`` (w) when it came from the memory, so that
+CB-HEM [recon] (docs/methods.md §2): negatives are mined over batch ∪ memory once the memory
+is active (``warmup_steps`` steps done and not empty). Each mined term's loss is weighted 1 when
+its negative is a batch row and ``memory_weight`` (w) when it came from the memory, so that
 ``loss = L_batch + w·L_mem`` with both parts sharing the reduction's denominator. On equal
 similarity the in-batch negative wins (it carries a gradient). With ``in_batch=False`` only
 memory negatives are used while the memory is active (in-batch mining during warm-up).

@@ -1,5 +1,5 @@
 """Pseudo large batch (PLB): the gradient of a virtual batch of N samples at the activation
-memory of one chunk of ``chunk_size`` samples (methods.md §3; the variants are [recon]).
+memory of one chunk of ``chunk_size`` samples (docs/methods.md §3; the variants are [recon]).
 
 A virtual batch ``x`` (N, ...) with labels ``y`` (N,) is cut into K = ceil(N / chunk_size)
 chunks of consecutive rows; the last chunk is smaller when chunk_size does not divide N.
