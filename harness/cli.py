@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
@@ -130,7 +130,9 @@ def plan(
 
     Example: `hembench plan suites/ivs_ablation.toml`
     """
-    from harness.suite import estimated_extra_mib, method_label, trial_id
+    from harness.config import estimated_extra_mib
+    from harness.records import trial_label
+    from harness.suite import trial_id
 
     s = _load(suite, device)
     table = Table(title=f"suite {s.name}: {len(s.trials)} trials")
@@ -141,7 +143,7 @@ def plan(
             str(i),
             trial_id(t),
             str(t.seed),
-            method_label(t),
+            trial_label(t),
             str(t.method.memory),
             str(t.virtual_batch),
             f"{estimated_extra_mib(t):.1f}",
@@ -199,90 +201,24 @@ def run(
       `hembench run suites/ivs_ablation.toml --jobs 2 --device cuda`
       `hembench run suites/ivs_ablation.toml --resume`   (after an interruption)
     """
-    import sys
-
-    from harness import results as res
-    from harness.envinfo import collect_env
-    from harness.executors import EXECUTORS, TrialSpec, get_executor
-    from harness.progress import RunProgress
+    from harness.executors import EXECUTORS
     from harness.report import summary_table
-    from harness.suite import method_label, trial_id
+    from harness.results import RunDirError, load_run
+    from harness.runner import RunInputError, run_suite
 
     if executor not in EXECUTORS:
         _fail([f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}"])
     s = _load(suite, device)
-    ids = [trial_id(t) for t in s.trials]
-    env = collect_env()
-    if not env["gpus"] and any(t.train.device == "cuda" for t in s.trials):
-        _fail([f"{suite}: train.device = 'cuda' but no CUDA device is available"])
     try:
-        run_dir = (
-            res.RunDir.find(results_dir, s.name, run_id)
-            if resume
-            else res.RunDir.create(results_dir, s.name, run_id)
-        )
-        with run_dir.lock():
-            meta = (
-                run_dir.read_meta()
-                if resume
-                else res.run_meta_start(str(suite), s.text, env, ids, sys.argv)
-            )
-            if resume and meta.get("suite_text") != s.text:
-                _fail(
-                    [
-                        f"{run_dir.path}: the suite file changed since this run started; start a new run"
-                    ]
-                )
-            run_dir.write_meta(meta)
-            done = run_dir.done() if resume else {}
-            baseline_key = s.baseline.model_dump(exclude={"seed"})
-            specs = [
-                TrialSpec(
-                    trial_id=tid,
-                    suite=s.name,
-                    run_id=run_dir.run_id,
-                    seed=t.seed,
-                    config={
-                        **t.model_dump(),
-                        "trial_index": i,
-                        "is_baseline": t.model_dump(exclude={"seed"}) == baseline_key,
-                    },
-                    timeout_s=timeout if timeout is not None else s.meta.timeout_s,
-                )
-                for i, (tid, t) in enumerate(zip(ids, s.trials, strict=True))
-                if done.get(tid) != "ok"
-            ]
-            if not quiet:
-                console.print(
-                    f"run {run_dir.path}: {len(specs)} of {len(ids)} trials to run"
-                    + (f" ({len(ids) - len(specs)} already ok)" if resume else ""),
-                    highlight=False,
-                )
-            if env["gpus"] and not env["nvml"]["available"]:
-                err_console.print(
-                    f"warning: NVML unavailable ({env['nvml']['reason']}); nvml_* columns will be null"
-                )
-            labels = {tid: method_label(t) for tid, t in zip(ids, s.trials, strict=True)}
-            with RunProgress(console, len(specs), labels, quiet) as prog:
-
-                def on_result(outcome: Any) -> None:
-                    run_dir.write_outcome(outcome)
-                    prog.done(outcome)
-
-                get_executor(executor, jobs=jobs, in_process=in_process).run(
-                    specs, on_result, prog.update
-                )
-            statuses = run_dir.done()
-            counts = {
-                st: sum(1 for v in statuses.values() if v == st)
-                for st in sorted(set(statuses.values()))
-            }
-            run_dir.write_meta(res.finish_meta(run_dir.read_meta(), counts, resume))
-    except res.RunDirError as exc:
+        result = run_suite(
+            s, results_dir, console, resume=resume, run_id=run_id, executor=executor,
+            jobs=jobs, in_process=in_process, timeout_s=timeout, quiet=quiet,
+        )  # fmt: skip
+    except (RunDirError, RunInputError) as exc:
         _fail([str(exc)])
-    console.print(summary_table(res.load_run(run_dir.path)))
-    console.print(f"results: {run_dir.path}", highlight=False)
-    if any(statuses.get(tid) != "ok" for tid in ids):
+    console.print(summary_table(load_run(result.run_dir.path)))
+    console.print(f"results: {result.run_dir.path}", highlight=False)
+    if not result.all_ok:
         raise typer.Exit(1)
 
 

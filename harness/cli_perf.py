@@ -213,13 +213,14 @@ def compare(
     --fail-on peak_mem:2%`
     """
     from harness import compare as cmp
+    from harness.results import RunDirError, load_run
 
     try:
         limits = cmp.parse_fail_on(fail_on)
         deltas, notes = cmp.compare_runs(
-            cmp.load_run(base_run), cmp.load_run(head_run), limits, by=by or None
+            load_run(base_run), load_run(head_run), limits, by=by or None
         )
-    except cmp.RunError as exc:
+    except (cmp.RunError, RunDirError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"{base_run} → {head_run}")
     for col in ("config", "metric", "base", "head", "n", "change %", "limit %", "verdict"):

@@ -19,24 +19,10 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import polars as pl
 
-HIGHER_IS_BETTER = 1
-LOWER_IS_BETTER = -1
-
-# name patterns (fnmatch) -> direction; the first match wins
-_DIRECTIONS: tuple[tuple[str, int], ...] = (
-    ("*_per_s", HIGHER_IS_BETTER),
-    ("tar@*", HIGHER_IS_BETTER),
-    ("auc", HIGHER_IS_BETTER),
-    ("*acc*", HIGHER_IS_BETTER),
-    ("*_mib", LOWER_IS_BETTER),
-    ("*_bytes", LOWER_IS_BETTER),
-    ("eer", LOWER_IS_BETTER),
-    ("*_s", LOWER_IS_BETTER),  # durations (after *_per_s)
-)
+from harness.records import metric_info
 
 # --fail-on shorthands -> column patterns they stand for
 ALIASES: dict[str, str] = {
@@ -53,7 +39,8 @@ _FAIL_ON = re.compile(r"^(?P<metric>[^:]+):(?P<pct>\d+(\.\d+)?)%?$")
 
 
 class RunError(ValueError):
-    """A run directory is missing or unusable, or an option is malformed (exit 2)."""
+    """An option is malformed or the runs cannot be compared (exit 2); an unreadable run
+    directory raises `harness.results.RunDirError`."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +60,10 @@ class Delta:
 
 
 def direction(column: str) -> int | None:
-    """+1 if higher is better, −1 if lower is better, None if `column` is not a known metric."""
-    for pattern, sign in _DIRECTIONS:
-        if fnmatch.fnmatchcase(column, pattern):
-            return sign
-    return None
+    """+1 if higher is better, −1 if lower is better, None if `column` is not a known metric
+    (`harness.records.METRICS`)."""
+    info = metric_info(column)
+    return None if info is None else (1 if info.higher_is_better else -1)
 
 
 def parse_fail_on(specs: list[str]) -> list[tuple[str, float]]:
@@ -91,24 +77,6 @@ def parse_fail_on(specs: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-def load_run(run_dir: str | Path) -> pl.DataFrame:
-    """All trial rows of a run (`<run_dir>/trials/*.parquet`), one row per trial."""
-    run_dir = Path(run_dir)
-    trials = run_dir / "trials"
-    if not trials.is_dir():
-        raise RunError(f"{run_dir}: not a run directory (no trials/ folder)")
-    files = sorted(trials.glob("*.parquet"))
-    if not files:
-        raise RunError(f"{run_dir}: trials/ holds no .parquet files")
-    try:
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    except Exception as exc:  # polars raises several error types for corrupt or clashing files
-        raise RunError(f"{run_dir}: cannot read trial files: {exc}") from exc
-    if "status" not in frame.columns:
-        raise RunError(f"{run_dir}: trial rows have no 'status' column")
-    return frame
-
-
 def metric_columns(frame: pl.DataFrame) -> list[str]:
     """Numeric columns with a known direction, in frame order."""
     return [c for c, t in frame.schema.items() if t.is_numeric() and direction(c) is not None]
@@ -118,7 +86,7 @@ def metric_columns(frame: pl.DataFrame) -> list[str]:
 _LABEL_COLUMNS = ("method", "memory", "virtual_batch")
 
 
-def config_columns(frame: pl.DataFrame) -> list[str]:
+def join_columns(frame: pl.DataFrame) -> list[str]:
     """Columns that identify a configuration (seed excluded).
 
     Harness rows carry `config_key` (hash of the resolved config minus seed): that is the join
@@ -147,7 +115,7 @@ def expand_metric(name: str, columns: list[str]) -> list[str]:
     return matched
 
 
-def aggregate(frame: pl.DataFrame, by: list[str], metrics: list[str]) -> pl.DataFrame:
+def mean_by_config(frame: pl.DataFrame, by: list[str], metrics: list[str]) -> pl.DataFrame:
     """Per config: `trials` (any status), `n` (ok trials), each metric's mean over ok trials."""
     if not by:
         frame = frame.with_columns(pl.lit("all").alias("_config"))
@@ -179,7 +147,7 @@ def compare_runs(
     `by` overrides the inferred config columns. Gated metrics are those named in `fail_on`
     (aliases and fnmatch patterns allowed); all other common metrics are reported ungated.
     """
-    by = by if by is not None else sorted(set(config_columns(base)) & set(config_columns(head)))
+    by = by if by is not None else sorted(set(join_columns(base)) & set(join_columns(head)))
     for col in by:
         if col not in base.columns or col not in head.columns:
             raise RunError(f"config column {col!r} is not in both runs")
@@ -189,7 +157,7 @@ def compare_runs(
         for col in expand_metric(name, metrics):
             limits[col] = min(pct, limits.get(col, pct))
 
-    a, b = aggregate(base, by, metrics), aggregate(head, by, metrics)
+    a, b = mean_by_config(base, by, metrics), mean_by_config(head, by, metrics)
     keys = by or ["_config"]
     joined = a.join(b, on=keys, how="full", suffix="_head", coalesce=True, nulls_equal=True)
     deltas: list[Delta] = []

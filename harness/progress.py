@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness.executors.base import TrialOutcome
+from harness.records import TrialOutcome
 
 
 class RunProgress:

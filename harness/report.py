@@ -20,6 +20,8 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from harness.records import far_key, metric_info
+
 FORMATS = ("table", "csv", "json", "markdown")
 AXES = ("method", "memory", "virtual_batch")
 # config columns that become grouping keys when they vary within a run
@@ -75,8 +77,6 @@ def t975(df: int) -> float:
 
 def pick_far(frame: pl.DataFrame, far: float | None) -> str:
     """The `tar@...` column to report: `far` if given, else 1e-3 if evaluated, else the lowest."""
-    from harness.metrics import far_key
-
     cols = [c for c in frame.columns if c.startswith("tar@")]
     if not cols:
         raise ValueError("the run has no tar@<far> columns")
@@ -124,8 +124,14 @@ def aggregate(frame: pl.DataFrame, far: float | None = None) -> pl.DataFrame:
     frame = with_variant(frame)
     keys = group_keys(frame)
     metrics = metric_names(frame, far)
-    ok = frame.filter(pl.col("status") == "ok").with_columns(
-        pl.coalesce(pl.col("peak_alloc_mib"), pl.col("peak_rss_mib")).alias("peak_mib")
+    ok = (
+        frame.filter(pl.col("status") == "ok")
+        # one row per (configuration, seed): a run that holds a trial twice (an older code
+        # version, a changed execution setting) must not count it as two seeds — keep the last
+        .unique(subset=[*keys, "seed"], keep="last", maintain_order=True)
+        .with_columns(
+            pl.coalesce(pl.col("peak_alloc_mib"), pl.col("peak_rss_mib")).alias("peak_mib")
+        )
     )
     aggs: list[pl.Expr] = [pl.len().alias("n"), pl.col("is_baseline").all().alias("is_baseline")]
     for m in metrics:
@@ -160,7 +166,8 @@ def _cell(row: dict[str, Any], m: str) -> str:
     mean = row.get(f"{m}_mean")
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
-    digits = 3 if m.startswith(("tar@", "eer", "auc")) else 0
+    info = metric_info(m)
+    digits = info.digits if info else 3
     text = f"{mean:.{digits}f}"
     if row.get(f"{m}_ci95") is not None:
         text += f" ± {row[f'{m}_ci95']:.{digits}f}"

@@ -31,54 +31,9 @@ from typing import Any
 
 import polars as pl
 
-from harness.executors.base import TrialOutcome
+from harness.records import CURVE_COLUMNS, TrialOutcome, column_dtype
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-# dtypes of the row columns that can be null for some trials (so that files always concatenate)
-ROW_SCHEMA: dict[str, pl.DataType] = {
-    "trial_id": pl.String(),
-    "trial_index": pl.Int64(),
-    "config_key": pl.String(),
-    "is_baseline": pl.Boolean(),
-    "suite": pl.String(),
-    "run_id": pl.String(),
-    "seed": pl.Int64(),
-    "method": pl.String(),
-    "miner": pl.String(),
-    "loss": pl.String(),
-    "margin": pl.Float64(),
-    "memory": pl.Int64(),
-    "memory_weight": pl.Float64(),
-    "plb": pl.String(),
-    "virtual_batch": pl.Int64(),
-    "batch": pl.Int64(),
-    "head": pl.String(),
-    "steps_planned": pl.Int64(),
-    "lr": pl.Float64(),
-    "data_kind": pl.String(),
-    "model_kind": pl.String(),
-    "embedding": pl.Int64(),
-    "device_requested": pl.String(),
-    "inject": pl.String(),
-    "params": pl.String(),
-    "status": pl.String(),
-    "error": pl.String(),
-    "steps": pl.Int64(),
-    "nvml_samples": pl.Int64(),
-    "device": pl.String(),
-    "gpu_name": pl.String(),
-    "host": pl.String(),
-    "git_commit": pl.String(),
-}
-CURVE_SCHEMA: dict[str, pl.DataType] = {
-    "step": pl.Int64(),
-    "loss": pl.Float64(),
-    "samples_per_s": pl.Float64(),
-    "memory_share": pl.Float64(),
-    "neg_age": pl.Float64(),
-    "drift": pl.Float64(),
-}
 
 
 class RunDirError(ValueError):
@@ -176,7 +131,7 @@ class RunDir:
     def write_outcome(self, outcome: TrialOutcome) -> None:
         """Curves first, then the row: a trial file exists only for a completed trial."""
         tid = outcome.trial_id
-        curves = pl.DataFrame(outcome.curves or None, schema=CURVE_SCHEMA, strict=False)
+        curves = pl.DataFrame(outcome.curves or None, schema=CURVE_COLUMNS, strict=False)
         curves = curves.with_columns(pl.lit(tid).alias("trial_id"))
         _atomic_parquet(curves, self.curves / f"{tid}.parquet")
         _atomic_parquet(row_frame(outcome.row), self.trials / f"{tid}.parquet")
@@ -196,9 +151,9 @@ class RunDir:
 
 
 def row_frame(row: dict[str, Any]) -> pl.DataFrame:
-    """A one-row frame with stable dtypes: known columns from ROW_SCHEMA, `tar@*` and other
-    measurements as Float64, so that null values in failed trials never change a dtype."""
-    schema = {k: ROW_SCHEMA.get(k, pl.Float64()) for k in row}
+    """A one-row frame with the dtypes of `harness.records.ROW_COLUMNS` (`tar@*`: Float64), so
+    that null values in failed trials never change a dtype."""
+    schema = {k: column_dtype(k) for k in row}
     return pl.DataFrame([row], schema=schema, strict=False)
 
 
@@ -225,21 +180,31 @@ def _atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
 def load_run(path: str | Path) -> pl.DataFrame:
     """All trial rows of the run at `path`, sorted by trial_index then seed.
 
-    Reads `trials/*.parquet` lazily (`pl.scan_parquet`); frames from different code versions
-    are aligned by column name (missing columns become null).
+    Frames from different code versions are aligned by column name (missing columns become
+    null). Raises `RunDirError` naming the directory when it is not a run, holds no trial
+    files, holds an unreadable one, or its rows have no `status` column.
     """
-    trials = Path(path) / "trials"
+    path = Path(path)
+    trials = path / "trials"
+    if not trials.is_dir():
+        raise RunDirError(f"{path}: not a run directory (no trials/ folder)")
     files = sorted(trials.glob("*.parquet"))
     if not files:
-        raise RunDirError(f"no trial results under {trials}")
-    frames = [pl.scan_parquet(f) for f in files]
-    return pl.concat(frames, how="diagonal_relaxed").sort("trial_index", "seed").collect()
+        raise RunDirError(f"{path}: trials/ holds no .parquet files (no trial has finished)")
+    try:
+        frame = pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed").collect()
+    except Exception as exc:  # polars raises several error types for corrupt or clashing files
+        raise RunDirError(f"{path}: cannot read trial files: {exc}") from exc
+    if "status" not in frame.columns:
+        raise RunDirError(f"{path}: trial rows have no 'status' column")
+    order = [c for c in ("trial_index", "seed") if c in frame.columns]
+    return frame.sort(order) if order else frame
 
 
 def load_curves(path: str | Path) -> pl.DataFrame:
     files = sorted((Path(path) / "curves").glob("*.parquet"))
     if not files:
-        return pl.DataFrame(schema={**CURVE_SCHEMA, "trial_id": pl.String()})
+        return pl.DataFrame(schema={**CURVE_COLUMNS, "trial_id": pl.String()})
     return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed").collect()
 
 

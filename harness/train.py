@@ -1,20 +1,13 @@
 """The training loop of a trial: one optimisation step per virtual batch, timed and logged.
 
-Three step kinds, chosen by the resolved config's method:
-- metric, plain:  emb = model(x); obj.before_loss; loss = obj(emb, y); backward; obj.after_loss
-- metric, PLB:    loss = PseudoLargeBatch(model, obj, chunk=train.batch, mode)(x, y)
-                  (PLB calls the objective's hooks itself, once per step with all N embeddings)
-- head:           loss = cross_entropy(head(model(x), y), y)   (classification baseline)
+Each step draws N = virtual_batch samples = N/2 identities × (ID photo, spot photo) and calls the
+step function of `harness.build.build_step`. Only the step itself is timed (`StepTimer`); the
+drift probe and logging are outside it.
 
-Each step draws N = virtual_batch samples = N/2 identities × (ID photo, spot photo).
-Only the step itself is timed (`StepTimer`); the drift probe and logging are outside.
-
-Staleness, logged per `train.log_every` steps:
+Staleness, logged every `train.log_every` steps:
 - memory_share, neg_age: from the objective's `last_stats` (fraction of mined negatives that
   came from the memory, their mean age in steps); None without a memory.
-- drift: mean over a fixed probe set of 1 − cos(f_now, f_then), where f_then was computed
-  `lag` logged steps earlier and lag·log_every ≈ the age of the oldest memory entry
-  (⌈M / N⌉ steps, at least 1): how stale the oldest negatives in the memory are.
+- drift: see `DriftProbe`.
 """
 
 from __future__ import annotations
@@ -28,19 +21,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.data import PairBatchSampler
+from harness.build import build_step
+from harness.config import TrialConfig
+from harness.data import IvSData, PairBatchSampler
 from harness.measure import StepTimer
+from harness.records import CURVE_COLUMNS, NonFiniteLoss
 
-PROBE_SIZE = 64
-# per-step curve columns (the second table of a trial; dtypes in results.CURVE_SCHEMA)
-CURVE_COLUMNS: tuple[str, ...] = (
-    "step",
-    "loss",
-    "samples_per_s",
-    "memory_share",
-    "neg_age",
-    "drift",
-)
 # curve columns summarised over the last steps into the trial's row
 _SUMMARISED = ("memory_share", "neg_age", "drift")
 
@@ -93,6 +79,31 @@ class MomentumSGD:
             p.add_(g, alpha=-self.lr)
 
 
+class DriftProbe:
+    """How far the features moved over the age of the memory's oldest entries.
+
+    drift = mean over a fixed probe set of 1 − cos(f_now, f_then), where f_then was computed
+    `lag` logged steps earlier and lag·log_every ≈ ⌈M / N⌉ steps (at least one logged step):
+    how stale the oldest negatives in a CB-HEM memory of M samples are.
+    """
+
+    def __init__(self, probe_x: torch.Tensor, memory: int, n: int, log_every: int):
+        self.probe_x = probe_x
+        lag = max(1, math.ceil(memory / n / log_every))
+        self.history: deque[torch.Tensor] = deque(maxlen=lag + 1)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> float | None:
+        """Embed the probe set now; the drift against `lag` calls ago (None until then)."""
+        was_training = model.training
+        model.eval()  # the probe must not touch BatchNorm running statistics
+        self.history.append(F.normalize(model(self.probe_x).float(), dim=1))
+        model.train(was_training)
+        if len(self.history) == 1:
+            return None
+        return 1 - F.cosine_similarity(self.history[-1], self.history[0], dim=1).mean().item()
+
+
 class Injector:
     """The `[debug] inject` fault, fired at step `inject_step`."""
 
@@ -115,10 +126,13 @@ class Injector:
         return loss * float("nan") if self.mode == "nan" and step == self.step else loss
 
 
+PROBE_SIZE = 64
+
+
 def train(
-    cfg: dict[str, Any],
+    cfg: TrialConfig,
     model: torch.nn.Module,
-    data: Any,
+    data: IvSData,
     device: torch.device,
     progress: Callable[[dict[str, Any]], None] | None,
     deadline_check: Callable[[], None],
@@ -129,26 +143,17 @@ def train(
     logged steps, at least one). curves: `CURVE_COLUMNS` lists of equal length.
     Raises `NonFiniteLoss` on a NaN/inf loss and `TrialTimeout` past the deadline.
     """
-    from harness.trial import NonFiniteLoss
-
-    m, tr = cfg["method"], cfg["train"]
-    n = m["virtual_batch"] or tr["batch"]
+    tr, n = cfg.train, cfg.virtual_batch
     x_all, y_all = data.train.x, data.train.labels
-    batches = endless_batches(
-        y_all, data.train.domain, n, torch.Generator().manual_seed(cfg["seed"])
-    )
-    step_fn, params = _make_step(cfg, model, data.num_classes, data.train.labels, device)
-    opt = MomentumSGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
-
-    probe_x = x_all[:PROBE_SIZE].to(device)  # fixed: the first training samples
-    lag = max(1, math.ceil(m["memory"] / n / tr["log_every"]))
-    probes: deque[torch.Tensor] = deque(maxlen=lag + 1)
-
+    batches = endless_batches(y_all, data.train.domain, n, torch.Generator().manual_seed(cfg.seed))
+    step_fn, params, _ = build_step(cfg, model, data, device)
+    opt = MomentumSGD(params, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay)
+    probe = DriftProbe(x_all[:PROBE_SIZE].to(device), cfg.method.memory, n, tr.log_every)
     timer = StepTimer(device)
-    injector = Injector(cfg["debug"]["inject"], cfg["debug"]["inject_step"], deadline_check)
+    injector = Injector(cfg.debug.inject, cfg.debug.inject_step, deadline_check)
     curves: dict[str, list[Any]] = {k: [] for k in CURVE_COLUMNS}
     model.train()
-    for step in range(tr["steps"]):
+    for step in range(tr.steps):
         deadline_check()
         injector.before_step(step)
         idx = next(batches)
@@ -160,28 +165,22 @@ def train(
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
             opt.step()
-        if step % tr["log_every"] == 0 or step == tr["steps"] - 1:
-            probes.append(_embed(model, probe_x))
-            drift = (
-                1 - F.cosine_similarity(probes[-1], probes[0], dim=1).mean().item()
-                if len(probes) > 1
-                else None
-            )
+        if step % tr.log_every == 0 or step == tr.steps - 1:
             rate = n / timer.durations[-1]
-            row = {
+            point = {
                 "step": step,
                 "loss": loss.item(),
                 "samples_per_s": rate,
                 "memory_share": stats.get("memory_share"),
                 "neg_age": stats.get("neg_age"),
-                "drift": drift,
+                "drift": probe(model),
             }
-            for k, v in row.items():
+            for k, v in point.items():
                 curves[k].append(v)
             if progress is not None:
-                progress({"step": step, "loss": row["loss"], "samples_per_s": rate})
+                progress({"step": step, "loss": point["loss"], "samples_per_s": rate})
     tail = max(1, len(curves["step"]) // 10)
-    summary = {"steps": tr["steps"], "final_loss": _mean(curves["loss"][-tail:])}
+    summary = {"steps": tr.steps, "final_loss": _mean(curves["loss"][-tail:])}
     summary.update({k: _mean(curves[k][-tail:]) for k in _SUMMARISED})
     return summary, curves, timer
 
@@ -189,67 +188,3 @@ def train(
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
-
-
-@torch.no_grad()
-def _embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()  # eval: the probe must not touch BatchNorm running statistics
-    out = F.normalize(model(x).float(), dim=1)
-    model.train(was_training)
-    return out
-
-
-def _make_step(
-    cfg: dict[str, Any],
-    model: torch.nn.Module,
-    num_classes: int,
-    train_labels: torch.Tensor,
-    device: torch.device,
-) -> tuple[
-    Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
-    list[torch.nn.Parameter],
-]:
-    """The step function `(x, y) -> (loss, stats)` (gradients left in .grad) and the parameters
-    to optimise."""
-    m, tr = cfg["method"], cfg["train"]
-    if m["head"]:
-        from mining.heads import HEADS
-
-        head = HEADS[m["head"]](cfg["model"]["embedding"], num_classes, **m["head_params"])
-        if hasattr(head, "count_labels"):  # class-size margins (HSM) need the class counts
-            head.count_labels(train_labels)
-        head = head.to(device)
-
-        def head_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            loss = F.cross_entropy(head(model(x), y), y)
-            loss.backward()
-            return loss.detach(), {}
-
-        return head_step, [*model.parameters(), *head.parameters()]
-
-    from harness.suite import objective_kwargs
-    from mining import MetricObjective
-
-    obj = MetricObjective(**objective_kwargs(m, cfg["seed"]))
-
-    if m["plb"] != "off":
-        from mining import PseudoLargeBatch
-
-        plb = PseudoLargeBatch(model, obj, chunk_size=tr["batch"], mode=m["plb"])
-
-        def plb_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            loss = plb(x, y)
-            return loss.detach(), dict(obj.last_stats)
-
-        return plb_step, list(model.parameters())
-
-    def metric_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        emb = model(x)
-        obj.before_loss(emb.detach(), y)
-        loss = obj(emb, y)
-        loss.backward()
-        obj.after_loss(emb.detach(), y)
-        return loss.detach(), dict(obj.last_stats)
-
-    return metric_step, list(model.parameters())

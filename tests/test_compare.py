@@ -14,11 +14,11 @@ from harness.compare import (
     Delta,
     RunError,
     compare_runs,
-    config_columns,
     direction,
-    load_run,
+    join_columns,
     parse_fail_on,
 )
+from harness.results import load_run
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_config_only_in_head_is_a_note(tmp_path):
 
 
 def test_inferred_config_columns_exclude_seed_metrics_and_meta():
-    cols = config_columns(pl.DataFrame(rows()))
+    cols = join_columns(pl.DataFrame(rows()))
     assert set(cols) == {"miner", "memory", "plb", "virtual_batch", "margin"}
 
 
@@ -271,7 +271,7 @@ def test_harness_rows_join_on_config_key_despite_unsigned_stats(tmp_path):
     harness rows must still join on their `config_key`, not split on those columns."""
     import polars as pl
 
-    from harness.compare import compare_runs, load_run
+    from harness.compare import compare_runs
 
     def run(name: str, share: float, sps: float):
         d = tmp_path / name / "trials"

@@ -148,7 +148,7 @@ device = "cpu"
 far = [1e-1]
 """
     )
-    row, _ = run_trial(suite.trials[0].model_dump())
+    row, _ = run_trial(suite.trials[0])
     labels = build_data(data, 0).test_id_labels
     n_gen = int(((labels[:, None] == labels[None, :]).sum() - labels.numel()) // 2)
     assert row["eer"] > 0

@@ -17,22 +17,22 @@ ray = pytest.importorskip("ray")
 
 from harness.executors import TrialOutcome, TrialSpec, get_executor  # noqa: E402
 from harness.executors.ray_executor import RayExecutor, needs_gpu  # noqa: E402
-from harness.trial import base_row  # noqa: E402
+from harness.records import base_row  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "suites" / "smoke.toml"
 
 
-def _config() -> dict:
+BARRIER_WAIT_S = 60.0
+
+
+def _config(device: str = "auto"):
     from harness.suite import load_suite
 
-    return load_suite(SMOKE).trials[0].model_dump()
+    return load_suite(SMOKE, device=device).trials[0]
 
 
-def _spec(
-    i: int, *, timeout_s: float | None = None, tag: str = "run", barrier_wait_s: float = 60.0
-) -> TrialSpec:
-    config = {**_config(), "barrier_wait_s": barrier_wait_s}
-    return TrialSpec(f"t{i}", "smoke", tag, i, config, timeout_s)
+def _spec(i: int, *, timeout_s: float | None = None, tag: str = "run", device: str = "auto"):
+    return TrialSpec(f"t{i}", "smoke", tag, _config(device), index=i, timeout_s=timeout_s)
 
 
 # -- stand-in trial functions (run inside Ray workers) -------------------------------------------
@@ -57,11 +57,11 @@ def _faulty(spec: TrialSpec) -> TrialOutcome:
 
 
 def _barrier(spec: TrialSpec) -> TrialOutcome:
-    """Touch this trial's file in the folder named by run_id, then wait (up to the config's
-    `barrier_wait_s`) until two trials have touched theirs: ok only if both run at once."""
+    """Touch this trial's file in the folder named by run_id, then wait (up to
+    `BARRIER_WAIT_S`) until two trials have touched theirs: ok only if both run at once."""
     folder = Path(spec.run_id)
     (folder / spec.trial_id).touch()
-    deadline = time.monotonic() + spec.config["barrier_wait_s"]
+    deadline = time.monotonic() + BARRIER_WAIT_S
     while len(list(folder.iterdir())) < 2:
         if time.monotonic() > deadline:
             raise RuntimeError("the other trial never ran concurrently")
@@ -115,15 +115,13 @@ def test_trials_in_flight_are_capped_by_jobs_or_the_cluster():
 
 
 def test_gpu_reservation_follows_the_trial_device():
-    spec = _spec(0)
     for device, has_gpus, want in [
         ("cpu", True, False),
         ("cuda", False, True),
         ("auto", True, True),
         ("auto", False, False),
     ]:
-        spec.config["train"]["device"] = device
-        assert needs_gpu(spec, has_gpus) is want, (device, has_gpus)
+        assert needs_gpu(_spec(0, device=device), has_gpus) is want, (device, has_gpus)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from harness.executors.base import TrialOutcome
+from harness.records import TrialOutcome
 from harness.results import RunDir, RunDirError, check_inside, load_run, row_frame
 
 
@@ -108,10 +108,3 @@ def test_find_latest(tmp_path):
     assert RunDir.find(tmp_path, "s").run_id == "20210101-000000-aaaaaa"
     with pytest.raises(RunDirError, match="no earlier run"):
         RunDir.find(tmp_path, "other")
-
-
-def test_curve_schema_covers_the_curves_train_writes():
-    from harness.results import CURVE_SCHEMA
-    from harness.train import CURVE_COLUMNS
-
-    assert tuple(CURVE_SCHEMA) == CURVE_COLUMNS

@@ -225,7 +225,7 @@ def test_cpu_determinism_same_rows_apart_from_timings():
         )
     )
     assert tiny_text
-    cfg = s.trials[-1].model_dump()
+    cfg = s.trials[-1]
     (a, ca), (b, cb) = run_trial(cfg), run_trial(cfg)
     timing = {
         "train_time_s",

@@ -72,6 +72,6 @@ device = "cpu"
 far = [1e-1]
 """
     )
-    row, curves = run_trial(suite.trials[0].model_dump())
+    row, curves = run_trial(suite.trials[0])
     assert len(curves["loss"]) >= 1
     assert torch.isfinite(torch.tensor(row["final_loss"]))

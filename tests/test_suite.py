@@ -189,7 +189,7 @@ def test_unknown_keys_rejected_with_path(section, key, val):
         doc[key] = {"x": val}
         path = key
     else:
-        from harness.suite import MethodCfg, SuiteMeta, TrainCfg
+        from harness.config import MethodCfg, SuiteMeta, TrainCfg
 
         fields = {"suite": SuiteMeta, "train": TrainCfg, "baseline": MethodCfg}.get(section)
         known = set(fields.model_fields) if fields else {"far"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from harness.executors.base import (
-    STATUSES,
     Executor,
     TrialOutcome,
     TrialSpec,
@@ -20,7 +19,6 @@ EXECUTORS: tuple[str, ...] = ("local", "ray")
 
 __all__ = [
     "EXECUTORS",
-    "STATUSES",
     "Executor",
     "TrialOutcome",
     "TrialSpec",

@@ -28,13 +28,12 @@ from harness.executors.base import (
     failure_outcome,
     timeout_outcome,
 )
+from harness.trial import execute_trial
 
 PROGRESS_INTERVAL_S = 0.5  # a worker sends at most this often: the pipe is not a log
 
 
 def _worker(spec: TrialSpec, conn: Connection) -> None:
-    from harness.trial import execute_trial
-
     last = 0.0
 
     def progress(update: dict[str, Any]) -> None:
@@ -83,8 +82,6 @@ class LocalExecutor:
         on_result: ResultCallback,
         on_progress: ProgressCallback | None,
     ) -> None:
-        from harness.trial import execute_trial
-
         for spec in trials:
             deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
 

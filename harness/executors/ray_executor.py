@@ -65,7 +65,7 @@ class _InFlight:
 
 def needs_gpu(spec: TrialSpec, cluster_has_gpus: bool) -> bool:
     """Whether the trial's task must reserve a GPU (its resolved `train.device`)."""
-    device = spec.config["train"]["device"]
+    device = spec.config.train.device
     return device == "cuda" or (device == "auto" and cluster_has_gpus)
 
 

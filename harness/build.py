@@ -1,0 +1,173 @@
+"""From a `TrialConfig` to the objects a trial trains: data, backbone, and the step function.
+
+Validation (`check_trial`, run on every grid cell by `harness.suite`) builds the same objects
+with the same functions as training does, so a parameter that a trial would reject is rejected
+before anything runs. Three kinds of step (`build_step`):
+
+- metric, plain:  emb = model(x); obj.before_loss; loss = obj(emb, y); backward; obj.after_loss
+- metric, PLB:    loss = PseudoLargeBatch(model, obj, chunk=train.batch, mode)(x, y)
+                  (PLB calls the objective's hooks itself, once per step with all N embeddings)
+- head:           loss = head.loss(model(x), y)   (classification with a margin head)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.config import TrialConfig
+from harness.data import DATA_KINDS, IvSData, build_data, validate_data
+from harness.models import MODELS, build_model
+from mining.heads import HEADS
+from mining.losses import LOSSES
+from mining.miners import MINERS
+from mining.objective import MetricObjective
+from mining.plb import PseudoLargeBatch
+
+try:  # TEMP until the heads redesign lands
+    from mining.heads import make_head
+except ImportError:
+
+    def make_head(name, d, c, **p):  # type: ignore[no-redef]
+        return HEADS[name](d, c, **p)
+
+
+#: `(x, y) -> (detached loss, stats)`; gradients are left in `.grad` for the optimiser.
+StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]
+
+
+def data(cfg: TrialConfig) -> IvSData:
+    """The trial's dataset (seeded by the trial's seed)."""
+    return build_data({"kind": cfg.data.kind, **cfg.data.params()}, cfg.seed)
+
+
+def model(cfg: TrialConfig, ivs: IvSData) -> nn.Module:
+    """The backbone for the dataset's input shape, `(B, *input_shape) -> (B, embedding)`."""
+    return build_model(cfg.model.kind, ivs.input_shape, cfg.model.embedding, **cfg.model.params())
+
+
+def objective_kwargs(cfg: TrialConfig) -> dict[str, Any]:
+    """Keyword arguments of `mining.MetricObjective` for the trial's method."""
+    m = cfg.method
+    return {
+        "miner": m.miner,
+        "loss": m.loss,
+        "margin": m.margin,
+        "memory_size": m.memory,
+        "memory_weight": m.memory_weight,
+        "warmup_steps": m.memory_warmup,
+        "enqueue": m.enqueue,
+        "in_batch": m.in_batch,
+        "seed": cfg.seed,
+        **m.objective_params,
+    }
+
+
+def head(cfg: TrialConfig, num_classes: int, train_labels: Tensor | None = None) -> nn.Module:
+    """The margin head `method.head` with `head_params`; class-size margins (HSM) get the
+    training class counts."""
+    h = make_head(cfg.method.head, cfg.model.embedding, num_classes, **cfg.method.head_params)
+    if train_labels is not None and hasattr(h, "count_labels"):
+        h.count_labels(train_labels)
+    return h
+
+
+def build_step(
+    cfg: TrialConfig, backbone: nn.Module, ivs: IvSData, device: torch.device
+) -> tuple[StepFn, list[nn.Parameter], Any]:
+    """The step function, the parameters to optimise, and the objective or head it trains
+    (the stateful part a checkpoint must hold)."""
+    if cfg.method.head:
+        h = head(cfg, ivs.num_classes, ivs.train.labels).to(device)
+
+        def head_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+            loss = (
+                h.loss(backbone(x), y)
+                if hasattr(h, "loss")
+                else torch.nn.functional.cross_entropy(h(backbone(x), y), y)
+            )  # TEMP
+            loss.backward()
+            return loss.detach(), {}
+
+        return head_step, [*backbone.parameters(), *h.parameters()], h
+
+    obj = MetricObjective(**objective_kwargs(cfg))
+    if cfg.method.plb != "off":
+        plb = PseudoLargeBatch(backbone, obj, chunk_size=cfg.train.batch, mode=cfg.method.plb)
+
+        def plb_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+            return plb(x, y).detach(), dict(obj.last_stats)
+
+        return plb_step, list(backbone.parameters()), obj
+
+    def metric_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        emb = backbone(x)
+        obj.before_loss(emb.detach(), y)
+        loss = obj(emb, y)
+        loss.backward()
+        obj.after_loss(emb.detach(), y)
+        return loss.detach(), dict(obj.last_stats)
+
+    return metric_step, list(backbone.parameters()), obj
+
+
+# --- validation -------------------------------------------------------------------------------
+
+_REGISTRIES: dict[str, tuple[str, Any]] = {
+    # config key -> (what, registry)
+    "data.kind": ("data kind", DATA_KINDS),
+    "model.kind": ("model kind", MODELS),
+    "miner": ("miner", MINERS),
+    "loss": ("loss", LOSSES),
+    "head": ("head", HEADS),
+}
+
+
+def registry_names(key: str) -> tuple[str, ...]:
+    """Sorted valid values of a registry-backed key (`data.kind`, `model.kind`, `miner`, ...)."""
+    return tuple(sorted(_REGISTRIES[key][1]))
+
+
+def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
+    """Problems a trial would hit when built, as `(key, message)` pairs; empty when buildable.
+
+    Keys are method keys (`head`, `head_params`, ...) or dotted section keys (`data.kind`), so
+    that suite validation can name the sweep key that caused a problem. Cheap: the objective and
+    the heads allocate no large state at construction, and data are only validated, not built.
+    """
+    values = {
+        "data.kind": cfg.data.kind,
+        "model.kind": cfg.model.kind,
+        "miner": cfg.method.miner,
+        "loss": cfg.method.loss,
+        "head": cfg.method.head,
+    }
+    problems = []
+    for key, value in values.items():
+        what, registry = _REGISTRIES[key]
+        if value is not None and value not in registry:
+            allowed = ", ".join(registry_names(key))
+            problems.append((key, f"unknown {what} {value!r}; allowed: {allowed}"))
+    if problems:
+        return problems
+    if cfg.method.head:
+        # num_classes=2: only the parameters are checked here; the data set the real count
+        problems += _attempt("head_params", f"head_params for {cfg.method.head!r}", head, cfg, 2)
+    else:
+        problems += _attempt(
+            "objective_params", "objective", lambda: MetricObjective(**objective_kwargs(cfg))
+        )
+    data_cfg = {"kind": cfg.data.kind, **cfg.data.params()}
+    problems += _attempt("data", "data", validate_data, data_cfg)
+    return problems
+
+
+def _attempt(key: str, what: str, factory: Callable[..., Any], *args: Any) -> list[tuple[str, str]]:
+    try:
+        factory(*args)
+    except (TypeError, ValueError, KeyError) as exc:
+        return [(key, f"{what}: {exc}")]
+    return []

@@ -1,0 +1,233 @@
+"""The suite schema: pydantic models of every section of a suite file and of one resolved trial.
+
+Torch-free on purpose: `show`, `plan` and `validate` parse configs without building anything.
+Each default lives here once; workers receive the typed `TrialConfig` (pydantic models pickle).
+What the library accepts beyond the schema (registry names, head parameters, objective options,
+data keys) is checked by building the objects, in `harness.build.check_trial`.
+
+Sections (docs/suites.md has the reference):
+
+| model         | suite section   | holds                                                   |
+| ------------- | --------------- | ------------------------------------------------------- |
+| `SuiteMeta`   | `[suite]`       | name, seeds, per-trial timeout                          |
+| `DataCfg`     | `[data]`        | `kind` + free parameters of that data kind              |
+| `ModelCfg`    | `[model]`       | `kind`, `embedding` + free parameters of that model     |
+| `TrainCfg`    | `[train]`       | steps, batch, optimiser settings, device, logging       |
+| `MethodCfg`   | `[baseline]`    | what is trained: miner/loss/memory/PLB or a margin head |
+| `EvalCfg`     | `[eval]`        | FARs of the TAR columns                                 |
+| `DebugCfg`    | `[debug]`       | an injected fault, to test failure handling             |
+| `TrialConfig` | (one grid cell) | all of the above, resolved, plus the seed               |
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SUITE_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+PLB_MODES = ("off", "exact", "select", "chunk_loss")
+SECTIONS = ("data", "model", "train", "eval", "debug")
+
+Scalar = str | int | float | bool
+# values of free-form sections (data/model params): scalars or flat lists of scalars
+Param = Scalar | list[Scalar]
+
+
+def _is_param(value: Any) -> bool:
+    scalar = (str, int, float, bool)
+    return isinstance(value, scalar) or (
+        isinstance(value, list) and all(isinstance(x, scalar) for x in value)
+    )
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Open(BaseModel):
+    """A `kind` plus free parameters (scalars or lists of scalars) checked by the builder."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    @model_validator(mode="after")
+    def _params(self) -> _Open:
+        section = type(self).__name__.removesuffix("Cfg").lower()
+        for key, value in (self.model_extra or {}).items():
+            if not _is_param(value):
+                raise ValueError(f"{section}.{key} must be a scalar or a list of scalars")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """The free parameters (everything but `kind` and the declared fields)."""
+        return dict(self.model_extra or {})
+
+
+class SuiteMeta(_Strict):
+    name: str = Field(description="[a-z0-9_-]+; becomes the results directory name")
+    seeds: list[int] = Field(default=[0], min_length=1)
+    description: str = ""
+    timeout_s: float | None = Field(
+        default=600.0, gt=0, description="per-trial wall-clock limit (inf or none = no limit)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SUITE_NAME_RE.fullmatch(v):
+            raise ValueError(
+                f"suite name {v!r} must match [a-z0-9_-]+ (it becomes a directory name)"
+            )
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct non-negative integers")
+        return v
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _no_limit(cls, v: float | None) -> float | None:
+        return None if v is None or math.isinf(v) else v  # inf means "no limit"
+
+
+class DataCfg(_Open):
+    """`kind` plus free parameters for `harness.data.build_data`."""
+
+    kind: str = "synthetic_ivs"
+
+
+class ModelCfg(_Open):
+    """`kind`, `embedding` plus free parameters for `harness.models.build_model`."""
+
+    kind: str = "mlp"
+    embedding: int = Field(default=128, ge=2, le=65536)
+
+
+class TrainCfg(_Strict):
+    steps: int = Field(default=100, ge=1, le=10_000_000)
+    batch: int = Field(default=128, ge=2, le=1_000_000, description="even: P identities × 2")
+    lr: float = Field(default=0.1, gt=0, le=100)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    warmup_steps: int = Field(default=2, ge=0, description="steps excluded from throughput")
+    log_every: int = Field(default=1, ge=1, description="curve row every N steps")
+    nvml_interval_s: float = Field(default=0.05, gt=0, le=10)
+    threads: int = Field(default=0, ge=0, le=1024, description="CPU threads (0 = torch default)")
+
+    @field_validator("batch")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"batch must be even (identities × 2 photos); got {v}")
+        return v
+
+
+class EvalCfg(_Strict):
+    far: list[float] = Field(default=[1e-1, 1e-2, 1e-3], min_length=1)
+
+    @field_validator("far")
+    @classmethod
+    def _range(cls, v: list[float]) -> list[float]:
+        if any(not (0 < f < 1) for f in v):
+            raise ValueError("far values must lie in (0, 1), e.g. [1e-1, 1e-2, 1e-3]")
+        return sorted(set(v), reverse=True)
+
+
+class DebugCfg(_Strict):
+    inject: Literal["none", "exception", "nan", "oom", "hang"] = Field(
+        default="none", description="fault injected into every trial, to test failure paths"
+    )
+    inject_step: int = Field(default=1, ge=0, description="step at which the fault is injected")
+
+
+class MethodCfg(_Strict):
+    """What is trained: a metric objective (miner + loss + CB-HEM memory + PLB) or a margin head.
+
+    - `memory`: CB-HEM memory size in samples (0 = in-batch mining only).
+    - `plb`: pseudo large batch mode; `virtual_batch` N must be a multiple of `train.batch`
+      (the chunk size); None means N = batch.
+    - `head`: a margin-head name switches the trial to classification (miner/loss unused).
+    """
+
+    miner: str = "batch_hard"
+    loss: str = "triplet"
+    margin: float = Field(default=0.2, ge=0, le=4)
+    memory: int = Field(default=0, ge=0, le=100_000_000)
+    memory_weight: float = Field(default=1.0, ge=0, le=100)
+    memory_warmup: int = Field(default=0, ge=0, description="steps before the memory is mined")
+    enqueue: Literal["before", "after"] = "after"
+    in_batch: bool = True
+    plb: Literal["off", "exact", "select", "chunk_loss"] = "off"
+    virtual_batch: int | None = Field(default=None, ge=2)
+    head: str | None = None
+    head_params: dict[str, Scalar] = Field(default_factory=dict)
+    objective_params: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class TrialConfig(_Strict):
+    """A fully resolved trial: everything `harness.trial.run_trial` needs, plus the seed."""
+
+    suite: str
+    seed: int = Field(ge=0)
+    data: DataCfg
+    model: ModelCfg
+    train: TrainCfg
+    method: MethodCfg
+    eval: EvalCfg
+    debug: DebugCfg
+
+    @property
+    def virtual_batch(self) -> int:
+        """N: samples per optimisation step (the PLB virtual batch, or the batch without PLB)."""
+        return self.method.virtual_batch or self.train.batch
+
+    @model_validator(mode="after")
+    def _combination(self) -> TrialConfig:
+        """Cross-field rules of the schema (the library's own checks run in `build`)."""
+        m, batch, vb = self.method, self.train.batch, self.virtual_batch
+        problems = []
+        if vb % batch:
+            problems.append(
+                f"virtual_batch={vb} must be a multiple of train.batch={batch} (the PLB chunk size)"
+            )
+        if m.plb == "off" and vb != batch:
+            problems.append(
+                f"plb='off' needs virtual_batch == train.batch ({batch}); got {vb} "
+                f"(use plb = one of {', '.join(PLB_MODES[1:])})"
+            )
+        if m.head is not None:
+            if m.memory:
+                problems.append(f"head={m.head!r} (classification) needs memory=0; got {m.memory}")
+            if m.plb != "off":
+                problems.append(f"head={m.head!r} (classification) needs plb='off'; got {m.plb!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class SuiteFile(_Strict):
+    """The top level of a suite file (sections only; sweeps are checked per combination)."""
+
+    suite: SuiteMeta
+    data: DataCfg = Field(default_factory=DataCfg)
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    baseline: MethodCfg = Field(default_factory=MethodCfg)
+    sweep: list[dict[str, Any]] = Field(default_factory=list)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    debug: DebugCfg = Field(default_factory=DebugCfg)
+
+
+def estimated_extra_mib(cfg: TrialConfig) -> float:
+    """Rough extra memory of the method, in MiB: CB-HEM bank (M×d fp32 + labels/ages int64)
+    plus the PLB representation cache and its gradient (2 × N×d fp32). Activations excluded."""
+    d = cfg.model.embedding
+    bank = cfg.method.memory * (4 * d + 16)
+    cache = 2 * cfg.virtual_batch * d * 4 if cfg.method.plb != "off" else 0
+    return (bank + cache) / 2**20
