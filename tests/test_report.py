@@ -130,3 +130,14 @@ def test_configs_differing_only_in_a_param_are_not_averaged_together():
     assert agg.height == 2
     assert sorted(agg["variant"].to_list()) == ["data.imbalance=0.0", "data.imbalance=1.5"]
     assert sorted(agg["tar@1e-3_mean"].round(3).to_list()) == [0.205, 0.605]
+
+
+def test_one_trial_written_twice_counts_as_one_seed():
+    """A run directory that holds the same (configuration, seed) twice — e.g. after a resume
+    under a different --device, which changes trial ids — must not report n = 2 for one seed
+    (issue 21 item 2): the last row counts."""
+    rows = frame({(0, 32): [0.2, 0.4]}).filter(pl.col("status") == "ok").to_dicts()
+    dup = {**rows[0], "trial_id": "again", "tar@1e-1": 0.3}
+    agg = report.aggregate(pl.DataFrame([*rows, dup]), far=1e-1)
+    assert agg["n"].to_list() == [2]
+    assert agg["tar@1e-1_mean"][0] == pytest.approx((0.3 + 0.4) / 2)

@@ -254,3 +254,28 @@ def test_resume_without_earlier_run_is_bad_input(tmp_path):
     path = tiny(tmp_path, "nores", "memory = [0]")
     r = runner.invoke(app, ["run", str(path), "--results-dir", str(tmp_path), "--resume"])
     assert r.exit_code == 2 and "no earlier run" in r.output
+
+
+def test_resume_with_a_setting_that_changes_trial_ids_is_refused(tmp_path):
+    """`--device` is part of every trial's config, hence of its id: resuming under another
+    device would re-run every trial into the same run (issue 21 item 2). Exit 2, nothing run."""
+    path = tiny(tmp_path, "dev", "memory = [0]", steps=2)
+    args = ["run", str(path), "--results-dir", str(tmp_path), "--in-process", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    run = only_run(tmp_path, "dev")
+    before = sorted(p.name for p in (run / "trials").iterdir())
+    r = runner.invoke(app, [*args, "--resume", "--device", "auto"])
+    assert r.exit_code == 2, r.output
+    assert "changed the trial ids" in r.output and "new run" in r.output
+    assert sorted(p.name for p in (run / "trials").iterdir()) == before
+
+
+@pytest.mark.parametrize(("suite_timeout", "flag"), [("inf", []), (60, ["--timeout", "1e7"])])
+def test_unbounded_timeouts_mean_no_limit(tmp_path, suite_timeout, flag):
+    """`timeout_s = inf` and `--timeout 1e7` (beyond what thread and process waits accept) run
+    to completion in worker processes instead of crashing with OverflowError (issue 21 item 3)."""
+    path = tiny(tmp_path, "inf", "memory = [0]", steps=2, timeout=suite_timeout)
+    r = runner.invoke(app, ["run", str(path), "--results-dir", str(tmp_path), "-q", *flag])
+    assert r.exit_code == 0, r.output
+    assert load_run(only_run(tmp_path, "inf"))["status"].to_list() == ["ok"]
+
