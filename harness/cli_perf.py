@@ -97,6 +97,21 @@ def _checks_table(checks: list, only_bad: bool) -> Table:
     return table
 
 
+def _read_baseline(path: Path) -> dict[str, Any]:
+    """The validated baseline document at `path`; exit 2 naming the file on any problem."""
+    from harness import bench as bench_mod
+
+    try:
+        return bench_mod.validate_document(json.loads(path.read_bytes()), str(path))
+    except (OSError, ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise _fail(f"cannot use baseline {path}: {exc}") from None
+
+
+def _file_in_path(path: Path) -> bool:
+    """Whether `path` or one of its ancestors is an existing non-directory."""
+    return any(p.exists() and not p.is_dir() for p in (path, *path.parents))
+
+
 def bench(
     baseline: Path | None = typer.Option(
         None,
@@ -142,12 +157,15 @@ def bench(
     from harness import bench as bench_mod
     from harness.envinfo import collect_env
 
-    base_doc = None
-    if baseline is not None:  # read first: a bad baseline must fail before minutes of timing
+    # every input is checked before minutes of timing: a bad baseline, tolerance or save path
+    base_doc = _read_baseline(baseline) if baseline is not None else None
+    if tolerance is not None:
         try:
-            base_doc = bench_mod.validate_document(json.loads(baseline.read_text()), str(baseline))
-        except (OSError, json.JSONDecodeError, bench_mod.BaselineError) as exc:
-            raise _fail(f"cannot use baseline {baseline}: {exc}") from None
+            bench_mod.check_tolerance(tolerance, "--tolerance")
+        except bench_mod.BaselineError as exc:
+            raise _fail(str(exc)) from None
+    if save is not None and (save.is_dir() or _file_in_path(save.parent)):
+        raise _fail(f"--save {save}: not a writable file path (a directory, or under a file)")
     quiet = as_json
 
     def progress(name: str, rec: dict[str, Any]) -> None:
@@ -163,8 +181,11 @@ def bench(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        save.write_text(json.dumps(doc, indent=2) + "\n")
+        try:
+            save.parent.mkdir(parents=True, exist_ok=True)
+            save.write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError as exc:
+            raise _fail(f"--save {save}: cannot write: {exc.strerror or exc}") from None
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:

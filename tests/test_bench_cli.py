@@ -143,8 +143,18 @@ def test_changed_sizes_raise():
     [
         (lambda d: d.update(schema="other/9"), "schema"),
         (lambda d: d.pop("cases"), "cases"),
-        (lambda d: d["cases"]["c"]["ratio"].update(median=0), "positive ratio"),
-        (lambda d: d["cases"]["c"].pop("ratio"), "positive ratio"),
+        (lambda d: d["cases"]["c"]["ratio"].update(median=0), "ratio.median"),
+        (lambda d: d["cases"]["c"].pop("ratio"), "ratio.median"),
+        (lambda d: d["cases"]["c"]["ratio"].update(median=float("nan")), "ratio.median"),
+        (lambda d: d["cases"]["c"]["ratio"].update(median=float("inf")), "ratio.median"),
+        (lambda d: d["cases"]["c"]["ratio"].update(median=True), "ratio.median"),
+        (lambda d: d["cases"]["c"]["ratio"].update(median="1.0"), "ratio.median"),
+        (lambda d: d["cases"]["c"].update(exact={"bytes": float("nan")}), "exact.bytes"),
+        (lambda d: d["cases"]["c"].update(exact={"bytes": None}), "exact.bytes"),
+        (lambda d: d.update(cases={}), "empty"),
+        (lambda d: d.update(tolerance_pct=float("nan")), "tolerance"),
+        (lambda d: d.update(tolerance_pct=-1), "tolerance"),
+        (lambda d: d.update(tolerance_pct="5"), "tolerance"),
     ],
 )
 def test_malformed_documents_raise(mutate, match):
@@ -235,12 +245,23 @@ def test_missing_baseline_exits_2(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    ["{not json", "[]", json.dumps({"schema": "x"}), json.dumps(doc({"c": {"ratio": {}}}))],
+    [
+        "{not json",
+        "[]",
+        json.dumps({"schema": "x"}),
+        json.dumps(doc({"c": {"ratio": {}}})),
+        json.dumps(doc({})),  # no cases: would gate nothing
+        json.dumps(doc({"c": case(1.0)}) | {"tolerance_pct": float("nan")}),  # NaN in JSON
+        json.dumps(doc({"c": case(float("inf"))})),
+        b"\xff\xfe{not utf-8",
+        "[" * 100_000 + "]" * 100_000,  # nested deeper than the JSON parser recurses
+    ],
 )
 def test_malformed_baseline_exits_2(tmp_path, content, monkeypatch):
+    """Issue 21 item 6: a baseline that cannot gate is exit 2 with one line, before timing."""
     monkeypatch.setattr(bench, "run_bench", lambda **_: pytest.fail("timed with a bad baseline"))
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, text = invoke(*FAST, "--baseline", path)
     assert code == 2 and "cannot use baseline" in text
 
@@ -254,6 +275,23 @@ def test_incompatible_baseline_exits_2(tmp_path):
     base.write_text(json.dumps(changed))
     code, text = invoke(*FAST, "--only", "cbhem_mine_M8k", "--baseline", base)
     assert code == 2 and "threads" in text
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "-1"])
+def test_bad_tolerance_exits_2_before_timing(tmp_path, tolerance, monkeypatch):
+    """`--tolerance nan` once turned a real regression into exit 0."""
+    monkeypatch.setattr(bench, "run_bench", lambda **_: pytest.fail("timed with a bad tolerance"))
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(doc({"c": case(1.0)})))
+    code, text = invoke(*FAST, "--baseline", base, "--tolerance", tolerance)
+    assert code == 2 and "tolerance" in text and "Traceback" not in text
+
+
+def test_save_under_a_file_exits_2_before_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_bench", lambda **_: pytest.fail("timed with a bad --save"))
+    (tmp_path / "file").write_text("x")
+    code, text = invoke(*FAST, "--save", tmp_path / "file" / "out.json")
+    assert code == 2 and "--save" in text
 
 
 def test_bad_options_exit_2():
