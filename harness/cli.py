@@ -13,12 +13,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness import __version__, cli_perf
+from harness import __version__, cli_perf, report
+from harness.config import estimated_extra_mib
+from harness.envinfo import collect_env
+from harness.executors import EXECUTORS
+from harness.records import trial_label
+from harness.results import RunDirError, load_run
+from harness.runner import RunInputError, run_suite
+from harness.suite import Suite, SuiteError, load_suite, trial_id
+
+# Every module above is torch-free at import (tests/test_architecture.py): `show`, `plan` and
+# `--help` answer in well under a second; torch loads when a suite is checked or a trial runs.
 
 if TYPE_CHECKING:
     import polars as pl
-
-    from harness.suite import Suite
 
 app = typer.Typer(
     name="hembench",
@@ -65,8 +73,6 @@ def env(
 
     Example: `hembench env --json > env.json`
     """
-    from harness.envinfo import collect_env
-
     info = collect_env()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -103,8 +109,6 @@ def _fail(problems: list[str]) -> NoReturn:
 
 
 def _load(path: Path, device: str | None = None) -> Suite:
-    from harness.suite import SuiteError, load_suite
-
     try:
         return load_suite(path, device=device)
     except SuiteError as exc:
@@ -130,10 +134,6 @@ def plan(
 
     Example: `hembench plan suites/ivs_ablation.toml`
     """
-    from harness.config import estimated_extra_mib
-    from harness.records import trial_label
-    from harness.suite import trial_id
-
     s = _load(suite, device)
     table = Table(title=f"suite {s.name}: {len(s.trials)} trials")
     for col in ("#", "trial id", "seed", "method", "memory", "virtual batch", "est. extra MiB"):
@@ -201,11 +201,6 @@ def run(
       `hembench run suites/ivs_ablation.toml --jobs 2 --device cuda`
       `hembench run suites/ivs_ablation.toml --resume`   (after an interruption)
     """
-    from harness.executors import EXECUTORS
-    from harness.report import summary_table
-    from harness.results import RunDirError, load_run
-    from harness.runner import RunInputError, run_suite
-
     if executor not in EXECUTORS:
         _fail([f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}"])
     s = _load(suite, device)
@@ -216,7 +211,7 @@ def run(
         )  # fmt: skip
     except (RunDirError, RunInputError) as exc:
         _fail([str(exc)])
-    console.print(summary_table(load_run(result.run_dir.path)))
+    console.print(report.summary_table(load_run(result.run_dir.path)))
     console.print(f"results: {result.run_dir.path}", highlight=False)
     if not result.all_ok:
         raise typer.Exit(1)
@@ -230,8 +225,6 @@ RUN_ARG = typer.Argument(
 
 
 def _load_run(run_dir: Path) -> pl.DataFrame:
-    from harness.results import RunDirError, load_run
-
     try:
         return load_run(run_dir)
     except RunDirError as exc:
@@ -252,8 +245,6 @@ def show(
     Examples: `hembench show results/smoke/<run_id>`,
     `hembench show results/ivs_ablation/<run_id> --format csv > grid.csv`
     """
-    from harness import report
-
     if fmt not in report.FORMATS:
         _fail([f"--format must be one of {', '.join(report.FORMATS)}; got {fmt!r}"])
     frame = _load_run(run_dir)
@@ -273,8 +264,6 @@ def plot(
 
     Example: `hembench plot results/ivs_ablation/<run_id> --out figs/`
     """
-    from harness import report
-
     frame = _load_run(run_dir)
     try:
         paths = report.plot(frame, out or run_dir / "plots", far)

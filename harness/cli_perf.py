@@ -14,6 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness import compare as cmp
+from harness.envinfo import collect_env
+from harness.results import RunDirError, load_run
+
 
 class _WideConsole(Console):
     """A rich console that is 160 columns wide when not writing to a terminal (CI logs, pipes),
@@ -154,8 +158,7 @@ def bench(
 
     Example (CI): `hembench bench --baseline benchmarks/baseline-cpu.json`
     """
-    from harness import bench as bench_mod
-    from harness.envinfo import collect_env
+    from harness import bench as bench_mod  # imports torch and mining: only for `bench`
 
     # every input is checked before minutes of timing: a bad baseline, tolerance or save path
     base_doc = _read_baseline(baseline) if baseline is not None else None
@@ -233,9 +236,6 @@ def compare(
     Example: `hembench compare results/smoke/base results/smoke/head --fail-on throughput:10%
     --fail-on peak_mem:2%`
     """
-    from harness import compare as cmp
-    from harness.results import RunDirError, load_run
-
     try:
         limits = cmp.parse_fail_on(fail_on)
         deltas, notes = cmp.compare_runs(

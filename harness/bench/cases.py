@@ -15,6 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harness.metrics import ivs_verification
+from mining import negatives  # `negatives.hardest_negatives` looked up per call: patchable
+from mining.memory import CrossBatchMemory
+from mining.objective import MetricObjective
+from mining.plb import PseudoLargeBatch
+
 PRESETS = ("default", "tiny")
 
 
@@ -107,9 +113,6 @@ def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
 
 def _build_cbhem_mine(device: torch.device, p: dict[str, Any]) -> Pair:
     """hardest_negatives over batch ∪ memory (B + M candidates) vs the bare similarity GEMM."""
-    import mining.negatives as negatives  # attribute looked up per call: monkeypatchable
-    from mining.memory import CrossBatchMemory
-
     g = torch.Generator().manual_seed(0)
     b, m, d = p["batch"], p["memory"], p["dim"]
     anchors, labels = _unit(g, b, d, device), _pair_labels(b, device)
@@ -136,8 +139,6 @@ def _build_cbhem_mine(device: torch.device, p: dict[str, Any]) -> Pair:
 
 def _build_cbhem_step(device: torch.device, p: dict[str, Any]) -> Pair:
     """MetricObjective (batch-hard triplet + full CB-HEM memory), fwd+bwd, vs the GEMM floor."""
-    from mining.objective import MetricObjective
-
     g = torch.Generator().manual_seed(1)
     b, m, d = p["batch"], p["memory"], p["dim"]
     obj = MetricObjective(miner="batch_hard", loss="triplet", margin=0.2, memory_size=m)
@@ -158,8 +159,6 @@ def _build_cbhem_step(device: torch.device, p: dict[str, Any]) -> Pair:
 
 def _build_plb_exact(device: torch.device, p: dict[str, Any]) -> Pair:
     """PLB exact (gradient cache) at N = K·b vs one plain fwd+bwd step on all N samples."""
-    from mining.plb import PseudoLargeBatch
-
     g = torch.Generator().manual_seed(2)
     k, b, din = p["chunks"], p["chunk"], p["input"]
     model = _mlp(din, p["hidden"], p["dim"], device, seed=2)
@@ -223,8 +222,6 @@ def _build_head(name: str) -> Callable[[torch.device, dict[str, Any]], Pair]:
 
 def _build_ivs_eval(device: torch.device, p: dict[str, Any]) -> Pair:
     """Chunked IvS verification (TAR@FAR, EER, AUC) vs the n×n score GEMM it must at least do."""
-    from harness.metrics import ivs_verification
-
     g = torch.Generator().manual_seed(4)
     n, d = p["identities"], p["dim"]
     ids, spots = _unit(g, n, d, device), _unit(g, n, d, device)
