@@ -36,28 +36,41 @@ Scalar = str | int | float | bool
 Param = Scalar | list[Scalar]
 
 
-def _is_param(value: Any) -> bool:
-    scalar = (str, int, float, bool)
-    return isinstance(value, scalar) or (
-        isinstance(value, list) and all(isinstance(x, scalar) for x in value)
+MAX_SEED = 2**63 - 1  # seeds are stored in Int64 columns
+MAX_NAME = 64  # a suite name is a directory name; file systems stop at 255 bytes per component
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)  # NaN slips through every range check (NaN < low is False)
+    return isinstance(value, (str, int, bool)) and not (
+        isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SEED
     )
 
 
+def _is_param(value: Any) -> bool:
+    return _is_scalar(value) or (isinstance(value, list) and all(map(_is_scalar, value)))
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: NaN would pass every `ge`/`le` bound; inf is opted in per field
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class _Open(BaseModel):
     """A `kind` plus free parameters (scalars or lists of scalars) checked by the builder."""
 
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _params(self) -> _Open:
         section = type(self).__name__.removesuffix("Cfg").lower()
         for key, value in (self.model_extra or {}).items():
             if not _is_param(value):
-                raise ValueError(f"{section}.{key} must be a scalar or a list of scalars")
+                raise ValueError(
+                    f"{section}.{key} must be a finite scalar or a list of finite scalars "
+                    f"(integers within ±2^63); got {value!r}"
+                )
         return self
 
     def params(self) -> dict[str, Any]:
@@ -66,11 +79,16 @@ class _Open(BaseModel):
 
 
 class SuiteMeta(_Strict):
-    name: str = Field(description="[a-z0-9_-]+; becomes the results directory name")
-    seeds: list[int] = Field(default=[0], min_length=1)
+    name: str = Field(
+        max_length=MAX_NAME, description="[a-z0-9_-]+; becomes the results directory name"
+    )
+    seeds: list[int] = Field(default=[0], min_length=1, max_length=1000)
     description: str = ""
     timeout_s: float | None = Field(
-        default=600.0, gt=0, description="per-trial wall-clock limit (inf or none = no limit)"
+        default=600.0,
+        gt=0,
+        allow_inf_nan=True,
+        description="per-trial wall-clock limit in seconds (inf, or above 1e6, = no limit)",
     )
 
     @field_validator("name")
@@ -85,8 +103,8 @@ class SuiteMeta(_Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
-        if any(s < 0 for s in v) or len(set(v)) != len(v):
-            raise ValueError("seeds must be distinct non-negative integers")
+        if any(not 0 <= s <= MAX_SEED for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct integers in [0, 2^63 - 1]; got {v}")
         return v
 
     @field_validator("timeout_s")
@@ -164,7 +182,7 @@ class MethodCfg(_Strict):
     enqueue: Literal["before", "after"] = "after"
     in_batch: bool = True
     plb: Literal["off", "exact", "select", "chunk_loss"] = "off"
-    virtual_batch: int | None = Field(default=None, ge=2)
+    virtual_batch: int | None = Field(default=None, ge=2, le=10_000_000)
     head: str | None = None
     head_params: dict[str, Scalar] = Field(default_factory=dict)
     objective_params: dict[str, Scalar] = Field(default_factory=dict)
@@ -174,7 +192,7 @@ class TrialConfig(_Strict):
     """A fully resolved trial: everything `harness.trial.run_trial` needs, plus the seed."""
 
     suite: str
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=MAX_SEED)
     data: DataCfg
     model: ModelCfg
     train: TrainCfg
@@ -201,7 +219,16 @@ class TrialConfig(_Strict):
                 f"plb='off' needs virtual_batch == train.batch ({batch}); got {vb} "
                 f"(use plb = one of {', '.join(PLB_MODES[1:])})"
             )
+        if m.head is None and m.head_params:
+            problems.append(
+                f"head_params {sorted(m.head_params)} given without a head (set head = ...)"
+            )
         if m.head is not None:
+            if m.objective_params:
+                problems.append(
+                    f"objective_params {sorted(m.objective_params)} mean nothing with "
+                    f"head={m.head!r} (classification)"
+                )
             if m.memory:
                 problems.append(f"head={m.head!r} (classification) needs memory=0; got {m.memory}")
             if m.plb != "off":

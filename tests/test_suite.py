@@ -273,3 +273,43 @@ def test_cli_plan_and_validate_ok(tmp_path):
 def test_cli_missing_file_exit_2(tmp_path):
     r = runner.invoke(app, ["validate", str(tmp_path / "none.toml")])
     assert r.exit_code == 2 and "cannot read" in r.output
+
+
+@pytest.mark.parametrize(
+    ("text_change", "key"),
+    [
+        ("[train]\nlr = nan", "lr"),  # NaN passes `v < low` checks unless rejected outright
+        ("[baseline]\nmargin = nan", "margin"),
+        ("[baseline]\nmemory_weight = inf", "memory_weight"),
+        ("[data]\nnoise = nan", "data.noise"),  # free parameters too
+        ("[data]\nidentities = 36893488147419103232", "data.identities"),  # 2**65
+        ("[suite]\nseeds = [18446744073709551616]", "seeds"),  # 2**64: aborted the row write
+        ('[suite]\nname = "' + "a" * 300 + '"', "name"),  # "File name too long" at run time
+        ("[baseline]\nhead_params = { s = 16.0 }", "head_params"),  # silently ignored before
+        ('[baseline]\nplb = "exact"\nvirtual_batch = 1099511627776', "virtual_batch"),  # 2**40
+    ],
+)
+def test_values_that_used_to_pass_validation_are_rejected(text_change, key):
+    """Issue 21 item 4: each of these passed `validate` and then failed or crashed a trial."""
+    section, line = text_change.split("\n", 1)
+    doc = copy.deepcopy(BASE)
+    # the section is written last, with the hostile line replacing its key (TOML forbids a
+    # key twice)
+    name = section.strip("[]")
+    body = "\n".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in doc.get(name, {}).items()
+                     if k != line.split(" =")[0])  # fmt: skip
+    rest = to_toml({k: v for k, v in doc.items() if k != name})
+    text = f"{rest}[{name}]\n{body}\n{line}\n"
+    with pytest.raises(SuiteError) as err:
+        parse_suite(text, path="hostile.toml")
+    assert any(key in p for p in err.value.problems), err.value.problems
+    assert all(p.startswith("hostile.toml") for p in err.value.problems)
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e7"])
+def test_unbounded_timeouts_validate_as_no_limit(timeout):
+    doc = copy.deepcopy(BASE)
+    doc["suite"] = {"name": "t", "seeds": [0]}
+    text = to_toml(doc).replace('"seeds" = [0]', f'"seeds" = [0]\ntimeout_s = {timeout}')
+    s = parse_suite(text)
+    assert s.meta.timeout_s is None if timeout == "inf" else s.meta.timeout_s == 1e7
