@@ -27,6 +27,7 @@ import hashlib
 import json
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
@@ -50,7 +51,10 @@ class TrialSpec:
     """One trial to run: its resolved config plus where its result belongs.
 
     `index` is the trial's position in the suite's grid (rows are sorted by it), `is_baseline`
-    marks the suite's baseline configuration, `timeout_s` is the wall-clock budget of the whole
+    marks the suite's baseline configuration, `run_dir` is the run directory (where the trial
+    keeps checkpoints and its saved model: `<run_dir>/work/<trial_id>/`; None: nothing is
+    saved), `threads` the torch intra-op threads the runner chose for this trial when the suite
+    leaves `train.threads = 0` (None: the config's setting), `timeout_s` is the wall-clock budget of the whole
     trial (None = no limit; inf and anything above 1e6 s (11.6 days) also mean no limit, since
     `multiprocessing`'s waits poll in int32 milliseconds and overflow above ~2.1e6 s). Pickles
     across processes and machines without importing torch.
@@ -63,6 +67,8 @@ class TrialSpec:
     index: int = 0
     is_baseline: bool = False
     timeout_s: float | None = None
+    run_dir: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and not self.timeout_s <= _MAX_TIMEOUT_S:
@@ -71,6 +77,11 @@ class TrialSpec:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    @property
+    def workdir(self) -> Path | None:
+        """`<run_dir>/work/<trial_id>/`: the trial's checkpoints and saved model."""
+        return None if self.run_dir is None else Path(self.run_dir) / "work" / self.trial_id
 
 
 _MAX_TIMEOUT_S = 1e6

@@ -76,7 +76,16 @@ def run_suite(
         done = run_dir.done() if resume else {}
         limit = suite.meta.timeout_s if timeout_s is None else timeout_s
         specs = [
-            TrialSpec(tid, suite.name, run_dir.run_id, t, i, suite.is_baseline(t), limit)
+            TrialSpec(
+                tid,
+                suite.name,
+                run_dir.run_id,
+                t,
+                i,
+                suite.is_baseline(t),
+                limit,
+                run_dir=str(run_dir.path),
+            )
             for i, (tid, t) in enumerate(zip(ids, suite.trials, strict=True))
             if done.get(tid) != "ok"
         ]

@@ -11,6 +11,7 @@ import contextlib
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +44,9 @@ def execute_trial(
     """
     row = base_row(spec)
     try:
-        measured, curves = run_trial(spec.config, progress=progress, deadline=deadline)
+        measured, curves = run_trial(
+            spec.config, progress, deadline, threads=spec.threads, workdir=spec.workdir
+        )
     except Exception as exc:  # a failed trial is a result, not a crash of the suite
         status, err = classify(exc), error_text(exc)
         exc.__traceback__ = None  # release the failed trial's tensors before the next trial
@@ -84,9 +87,17 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def run_trial(
-    cfg: TrialConfig, progress: Progress | None = None, deadline: float | None = None
+    cfg: TrialConfig,
+    progress: Progress | None = None,
+    deadline: float | None = None,
+    *,
+    threads: int | None = None,
+    workdir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Build data, backbone and objective from `cfg`, train, measure and evaluate.
+
+    `threads` overrides `train.threads` (the runner's choice for `threads = 0`); `workdir`
+    holds the trial's checkpoints and saved model (None: nothing is written).
 
     Returns (measurements, curves): the measured columns of the row and the per-step curves
     (`harness.records.CURVE_COLUMNS`). Raises on failure (`classify` maps errors to statuses).
@@ -98,16 +109,20 @@ def run_trial(
             raise TrialTimeout("trial ran past its deadline")
 
     previous_threads = torch.get_num_threads()
-    if cfg.train.threads:  # e.g. 1 for tiny CPU models: OpenMP spin-waits thrash a loaded machine
-        torch.set_num_threads(cfg.train.threads)
+    threads = threads or cfg.train.threads
+    if threads:  # e.g. 1 for tiny CPU models: OpenMP spin-waits thrash a loaded machine
+        torch.set_num_threads(threads)
     try:
-        return _run(cfg, progress, deadline_check)
+        return _run(cfg, progress, deadline_check, workdir)
     finally:
         torch.set_num_threads(previous_threads)  # in-process runs share the caller's setting
 
 
 def _run(
-    cfg: TrialConfig, progress: Progress | None, deadline_check: Callable[[], None]
+    cfg: TrialConfig,
+    progress: Progress | None,
+    deadline_check: Callable[[], None],
+    workdir: Path | None,
 ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
