@@ -131,7 +131,56 @@ def test_bad_config_names_the_key(cfg, match):
 
 
 def test_registry():
-    assert set(DATA_KINDS) == {"synthetic_ivs", "image_folder", "features"}
+    assert set(DATA_KINDS) == {"synthetic_ivs", "image_folder", "features", "recordio"}
+
+
+def test_validation_is_arithmetic_and_cheap():
+    """A huge generator is refused from its numbers, before anything is allocated."""
+    import time
+
+    from harness.data import validate_data
+
+    t0 = time.perf_counter()
+    for cfg, match in [
+        ({"dim": 10**9}, "data.dim"),
+        ({"identities": 10**9, "dim": 1024}, "GiB"),
+        ({"modality": "images", "image_size": 4096, "identities": 10**5}, "GiB"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            validate_data(cfg)
+    validate_data({"dim": 8192, "identities": 1000})  # at the limit: accepted, not built
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_train_batches_are_the_sampler_batches():
+    """In-memory kinds: batch i = the i-th index batch of PairBatchSampler seeded by `seed`
+    (epoch after epoch), x and y indexed from the training tensors."""
+    from harness.data import PairBatchSampler
+
+    d = build_data({"identities": 40, "test_identities": 5, "dim": 6}, 0)
+    sampler = PairBatchSampler(
+        d.train.labels, 16, torch.Generator().manual_seed(7), k=2, domain=d.train.domain
+    )
+    expected = [idx for _ in range(3) for idx in sampler]  # 3 epochs of 2 batches
+    got = d.train_batches(16, 2, 7)
+    for idx in expected:
+        x, y = next(got)
+        assert torch.equal(x, d.train.x[idx]) and torch.equal(y, d.train.labels[idx])
+    with pytest.raises(ValueError, match="multiple of the samples per identity k=3"):
+        d.train_batches(16, 3, 0)
+    with pytest.raises(ValueError, match="needs 41 training identities with ≥ 2"):
+        d.train_batches(82, 2, 0)
+    assert torch.equal(d.probe_x(5), d.train.x[:5])
+    calls = []
+
+    def embed(x):
+        calls.append(len(x))
+        return x[:, :2] * 2
+
+    ids, spots = d.test_embeddings(embed, block=2)
+    assert calls == [2, 2, 1, 2, 2, 1]
+    assert torch.equal(ids, d.test_id_x[:, :2] * 2) and torch.equal(spots, d.test_spot_x[:, :2] * 2)
+    assert d.quality == {"bad_images": 0, "single_image_identities": 0, "no_id_photo_identities": 0}
 
 
 def test_sampler_puts_the_id_photo_first_whatever_the_storage_order():

@@ -1,8 +1,9 @@
 """Precomputed inputs or embeddings from .npy / .npz / .parquet files (kind "features").
 
 Keys (defaults in DEFAULTS):
-- `path`: .npy (float array (n, ...) of inputs; labels from `labels_path`, domain from the
-  optional `domain_path`), .npz (arrays named `feature_column`, `label_column`, optionally
+- `path`: .npy (float array (n, ...) of inputs, opened as a read-only memory map
+  (`mmap_mode="r"`): nothing is copied, batches read their rows; labels from `labels_path`,
+  domain from the optional `domain_path`), .npz (arrays named `feature_column`, `label_column`, optionally
   `domain_column`) or .parquet (read with polars; `feature_column` a list/array column, or, when
   no such column exists, every column other than label and domain, as (n, #columns)).
 - `label_column` / `domain_column`: identity ids (any ints) and 0 = ID / 1 = spot. Without a
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.data.ivs import IvSData, split_identities
+from harness.data.ivs import IvSData, split_identities, split_source
 from harness.data.params import check_float, resolve
+from harness.data.stream import ArrayStore, StreamSource
 
 DEFAULTS: dict[str, Any] = {
     "path": "",
@@ -46,7 +48,7 @@ def _load(p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
             raise ValueError(
                 "data.labels_path (a .npy of identity ids) is required with a .npy path"
             )
-        x = np.load(path, allow_pickle=False)
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
         labels = np.load(p["labels_path"], allow_pickle=False)
         domain = np.load(p["domain_path"], allow_pickle=False) if p["domain_path"] else None
         return x, labels, domain
@@ -73,11 +75,26 @@ def _load(p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
     return x, df[p["label_column"]].to_numpy(), domain
 
 
-def build_features(cfg: Mapping[str, Any], seed: int) -> IvSData:
-    """`build_data` for kind "features" (module docstring)."""
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Cheap check for suite validation: keys, `test_fraction`, and that the files exist."""
     p = resolve("features", cfg, DEFAULTS)
+    check_float(p, "test_fraction", 0.0, 1.0)
     if not p["path"]:
         raise ValueError("data.path is required for data kind 'features'")
+    path = Path(p["path"])
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"data.path must end in one of {', '.join(SUFFIXES)}; got {str(path)!r}")
+    for key in ("path", "labels_path", "domain_path"):
+        if p[key] and not Path(p[key]).is_file():
+            raise ValueError(f"data.{key} {p[key]!r} does not exist or is not a file")
+    if path.suffix == ".npy" and not p["labels_path"]:
+        raise ValueError("data.labels_path (a .npy of identity ids) is required with a .npy path")
+
+
+def build_features(cfg: Mapping[str, Any], seed: int, **_: Any) -> IvSData:
+    """`build_data` for kind "features" (module docstring)."""
+    validate(cfg)
+    p = resolve("features", cfg, DEFAULTS)
     fraction = check_float(p, "test_fraction", 0.0, 1.0)
     x, labels, domain = _load(p)
     if x.ndim < 2 or labels.shape != (x.shape[0],):
@@ -88,7 +105,6 @@ def build_features(cfg: Mapping[str, Any], seed: int) -> IvSData:
         raise ValueError(
             f"data.{p['label_column']} must hold integer identity ids; got {labels.dtype}"
         )
-    x_t = torch.tensor(x, dtype=torch.float32)  # a copy: polars/np.load arrays may be read-only
     labels_t = torch.tensor(labels, dtype=torch.int64)
     if domain is None:
         domain_t = _first_is_id(labels_t)
@@ -96,7 +112,19 @@ def build_features(cfg: Mapping[str, Any], seed: int) -> IvSData:
         domain_t = torch.tensor(domain, dtype=torch.int64)
         if domain_t.shape != labels_t.shape or not torch.isin(domain_t, torch.tensor([0, 1])).all():
             raise ValueError("data.domain_column must hold one 0 (ID) or 1 (spot) per sample")
-    return split_identities(x_t, labels_t, domain_t, fraction, seed)
+    if isinstance(x, np.memmap):  # .npy: stays on disk, rows are read per batch
+        store = ArrayStore(x)
+
+        def make_source(train_rows, id_rows, spot_rows) -> StreamSource:
+            return StreamSource(store, train_rows, id_rows, spot_rows)
+
+        rows = np.arange(x.shape[0])
+        split = split_source(rows, labels_t, domain_t, fraction, seed, make_source, x.shape[1:])
+    else:
+        x_t = torch.tensor(x, dtype=torch.float32)  # a copy: polars/npz arrays may be read-only
+        split = split_identities(x_t, labels_t, domain_t, fraction, seed)
+    split.quality["single_image_identities"] = split.info["dropped_identities"]
+    return split
 
 
 def _first_is_id(labels: torch.Tensor) -> torch.Tensor:

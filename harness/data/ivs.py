@@ -1,29 +1,55 @@
-"""The IvS data containers and the identity-disjoint split of a labelled sample set."""
+"""The IvS data containers and the identity-disjoint split of a labelled sample set.
+
+`IvSData` is the one interface the training loop and the evaluation use, for every data kind:
+
+    data.train_batches(n, k, seed, workers=…, pin_memory=…)  # endless (x, y) P×K batches
+    data.probe_x(n)                                           # first n training samples
+    data.test_embeddings(embed, block)                        # (id_emb, spot_emb)
+    data.train.labels, data.train.domain, data.num_classes, data.input_shape,
+    data.test_id_labels, data.test_spot_labels, data.test_symmetric, data.quality
+
+In-memory kinds (synthetic_ivs, features from .npz/.parquet) hold tensors (`train.x`,
+`test_id_x`, `test_spot_x`); streaming kinds (image_folder, recordio, features from a memory
+mapped .npy) hold a `StreamSource` instead and those three are None.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from harness.data.sampler import PairBatchSampler
+from harness.data.stream import StreamSource
+
+#: data-quality counts every kind reports (zeros where a kind cannot have them); they become
+#: columns of the trial's row
+QUALITY_KEYS = ("bad_images", "single_image_identities", "no_id_photo_identities")
 
 
 @dataclass(frozen=True)
 class Split:
-    """Training samples: x (n, *input_shape) float32, labels (n,) int64 in [0, num_classes),
+    """Training samples: x (n, *input_shape) float32 — None for streaming kinds, whose samples
+    are read batch by batch (`IvSData.train_batches`) —, labels (n,) int64 in [0, num_classes),
     domain (n,) int64 with 0 = ID photo, 1 = spot photo."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     labels: torch.Tensor
     domain: torch.Tensor
 
     def __post_init__(self) -> None:
-        n = self.x.shape[0]
+        n = self.labels.shape[0] if self.x is None else self.x.shape[0]
         if self.labels.shape != (n,) or self.domain.shape != (n,):
             raise ValueError(
                 f"Split: labels and domain must be ({n},); got {tuple(self.labels.shape)} and "
                 f"{tuple(self.domain.shape)}"
             )
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
 
 
 @dataclass(frozen=True)
@@ -31,73 +57,185 @@ class IvSData:
     """A training split and the held-out IvS test pairs.
 
     test_id_x (n, *input_shape), test_spot_x (m, *input_shape): held-out photos of identities
-    disjoint from the training ones. Without labels (both None, the default) n = m and row i of
-    both = test identity i. With `test_id_labels` (n,) / `test_spot_labels` (m,) int64, genuine
-    pairs are those with equal labels, any number per identity. `test_symmetric` (needs labels):
-    the two sides are the same samples (test_spot_x is test_id_x) and each unordered pair {i, j},
-    i < j, is one pair — no self-pairs (the "all_pairs" protocol). These three fields are passed
-    as they are to `harness.metrics.ivs_verification`. num_classes = number of training
-    identities. `info` holds counts worth reporting (e.g. skipped images), never anything needed
-    to train.
+    disjoint from the training ones (None for streaming kinds: `source` reads them). Without
+    labels (both None, the default) n = m and row i of both = test identity i. With
+    `test_id_labels` (n,) / `test_spot_labels` (m,) int64, genuine pairs are those with equal
+    labels, any number per identity. `test_symmetric` (needs labels): the two sides are the same
+    samples (test_spot_x is test_id_x) and each unordered pair {i, j}, i < j, is one pair — no
+    self-pairs (the "all_pairs" protocol). These three fields are passed as they are to
+    `harness.metrics.ivs_verification`. num_classes = number of training identities.
+    `quality`: data-quality counts (`QUALITY_KEYS`, ints) meant as row columns; `info` holds
+    other counts worth reporting, never anything needed to train.
     """
 
     train: Split
-    test_id_x: torch.Tensor
-    test_spot_x: torch.Tensor
+    test_id_x: torch.Tensor | None
+    test_spot_x: torch.Tensor | None
     input_shape: tuple[int, ...]
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
     test_id_labels: torch.Tensor | None = None
     test_spot_labels: torch.Tensor | None = None
     test_symmetric: bool = False
+    quality: dict[str, int] = field(default_factory=dict)
+    source: StreamSource | None = None
 
     def __post_init__(self) -> None:
+        q = {k: 0 for k in QUALITY_KEYS}
+        q.update({k: int(v) for k, v in self.quality.items()})
+        object.__setattr__(self, "quality", q)
+        if self.source is None and (self.train.x is None or self.test_id_x is None):
+            raise ValueError("IvSData: without a source, train.x and the test sides are needed")
+        n_id, n_spot = self._sizes()
         if (self.test_id_labels is None) != (self.test_spot_labels is None):
             raise ValueError("IvSData: give both test_id_labels and test_spot_labels, or neither")
         if self.test_id_labels is None:
             if self.test_symmetric:
                 raise ValueError("IvSData: test_symmetric needs test labels")
-            if self.test_id_x.shape[0] != self.test_spot_x.shape[0]:
+            if n_id != n_spot:
                 raise ValueError(
                     f"IvSData: unlabelled test sides must be row-aligned; got "
-                    f"{self.test_id_x.shape[0]} ID and {self.test_spot_x.shape[0]} spot rows"
+                    f"{n_id} ID and {n_spot} spot rows"
                 )
             return
-        for name, lab, x in (
-            ("test_id_labels", self.test_id_labels, self.test_id_x),
-            ("test_spot_labels", self.test_spot_labels, self.test_spot_x),
+        for name, lab, n in (
+            ("test_id_labels", self.test_id_labels, n_id),
+            ("test_spot_labels", self.test_spot_labels, n_spot),
         ):
-            if lab.shape != (x.shape[0],):
-                raise ValueError(f"IvSData: {name} must be ({x.shape[0]},); got {tuple(lab.shape)}")
+            if lab.shape != (n,):
+                raise ValueError(f"IvSData: {name} must be ({n},); got {tuple(lab.shape)}")
+
+    def _sizes(self) -> tuple[int, int]:
+        if self.source is not None:
+            return len(self.source.test_id_rows), len(self.source.test_spot_rows)
+        assert self.test_id_x is not None and self.test_spot_x is not None
+        return self.test_id_x.shape[0], self.test_spot_x.shape[0]
+
+    # --- the interface of the training loop -------------------------------------------------
+
+    def train_batches(
+        self, n: int, k: int, seed: int, *, workers: int = 0, pin_memory: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless training batches (x float32 (n, *input_shape) on the CPU, y int64 (n,)):
+        P = n // k identities × k photos each, grouped by identity, the ID photo (domain 0)
+        first where the identity has one (`PairBatchSampler`, epoch after epoch).
+
+        Deterministic given `seed` (the sampler's generator is `torch.Generator().manual_seed(
+        seed)`; flips come from a second stream of the seed), and the same batches whatever
+        `workers` is. Streaming kinds decode in a `DataLoader` with `workers` processes (0 = in
+        this process), `pin_memory` (ignored without CUDA) and prefetch; a horizontal flip is
+        applied at random to training images when the source says so (`data.flip`).
+        In-memory kinds index their tensors (`workers` unused).
+
+        Raises ValueError (at the call, before any batch) when n is not a positive multiple of
+        k, or fewer than P training identities have ≥ k samples.
+        """
+        sampler = self._sampler(n, k, seed)
+
+        def epochs() -> Iterator[torch.Tensor]:
+            while True:
+                yield from sampler
+
+        labels = self.train.labels
+        if self.source is not None:
+            return self.source.train_batches(epochs(), labels, seed, workers, pin_memory)
+        x = self.train.x
+        assert x is not None
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            pin = pin_memory and torch.cuda.is_available()
+            for idx in epochs():
+                xb, yb = x[idx], labels[idx]
+                yield (xb.pin_memory(), yb.pin_memory()) if pin else (xb, yb)
+
+        return batches()
+
+    def _sampler(self, n: int, k: int, seed: int) -> PairBatchSampler:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"samples per identity must be an integer ≥ 1; got {k!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < k or n % k:
+            raise ValueError(
+                f"batch size {n!r} must be a positive multiple of the samples per identity "
+                f"k={k} (P identities × {k} photos)"
+            )
+        p = n // k
+        _, counts = torch.unique(self.train.labels, return_counts=True)
+        eligible = int((counts >= k).sum())
+        if eligible < p:
+            raise ValueError(
+                f"a batch of {n} = {p} identities × {k} photos needs {p} training identities "
+                f"with ≥ {k} photos; the training split has {eligible} (of {counts.numel()})"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        return PairBatchSampler(self.train.labels, n, gen, k=k, domain=self.train.domain)
+
+    def probe_x(self, n: int) -> torch.Tensor:
+        """The first n training samples (fewer if the split is smaller), float32 on the CPU,
+        unflipped (the drift probe's fixed inputs)."""
+        n = min(n, len(self.train))
+        if self.source is None:
+            assert self.train.x is not None
+            return self.train.x[:n]
+        return self.source.take(self.source.train_rows[:n])
+
+    def test_embeddings(
+        self, embed: Callable[[torch.Tensor], torch.Tensor], block: int = 1024, *, workers: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(id_emb, spot_emb): `embed` applied to the test ID and spot samples, in blocks of at
+        most `block` float32 CPU samples (streamed from disk for streaming kinds, decoded by
+        `workers` processes), results concatenated on the CPU (`torch.cat` of what `embed`
+        returns, moved to the CPU). When the two sides are the same samples (`test_symmetric`)
+        they are embedded once and the same tensor is returned twice."""
+
+        def run(blocks: Iterator[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([embed(b).cpu() for b in blocks])
+
+        if self.source is not None:
+            src = self.source
+            id_emb = run(src.blocks(src.test_id_rows, block, workers))
+            if self.test_symmetric:
+                return id_emb, id_emb
+            return id_emb, run(src.blocks(src.test_spot_rows, block, workers))
+        assert self.test_id_x is not None and self.test_spot_x is not None
+        ids, spots = self.test_id_x, self.test_spot_x
+        id_emb = run(ids[i : i + block] for i in range(0, len(ids), block))
+        if self.test_symmetric or spots is ids:
+            return id_emb, id_emb
+        return id_emb, run(spots[i : i + block] for i in range(0, len(spots), block))
+
+    def quality_summary(self) -> str:
+        """One line for the trial's log, e.g. "data quality: bad_images=0 …"."""
+        return "data quality: " + " ".join(f"{k}={v}" for k, v in self.quality.items())
 
 
-def split_identities(
-    x: torch.Tensor,
+@dataclass(frozen=True)
+class RowSplit:
+    """`split_rows`' answer: positions (int64) into the arrays it was given."""
+
+    train_rows: torch.Tensor
+    train_labels: torch.Tensor  # 0..num_classes−1
+    train_domain: torch.Tensor
+    test_id_rows: torch.Tensor
+    test_spot_rows: torch.Tensor
+    test_labels: torch.Tensor | None  # all_pairs: labels of test_id_rows (= test_spot_rows)
+    num_classes: int
+    dropped_identities: int
+
+
+def split_rows(
     labels: torch.Tensor,
     domain: torch.Tensor,
     test_fraction: float,
     seed: int,
-    info: dict[str, Any] | None = None,
     all_pairs: bool = False,
-) -> IvSData:
-    """Identity-disjoint train/test split of samples (x (n,...), labels (n,) any int ids,
-    domain (n,) 0 = ID / 1 = spot).
-
-    Identities with fewer than 2 samples are dropped (counted in info["dropped_identities"]).
-    A seeded permutation of the sorted identity ids puts round(test_fraction·#ids) identities in
-    the test set (at least 1 and leaving at least 2 for training); each contributes one pair:
-    its first domain-0 sample as ID and its first domain-1 sample as spot (the first two samples
-    when it lacks one of the domains). With `all_pairs`, every sample of a test identity is kept
-    instead, on both sides (the same tensor), labelled 0..m−1 in id order, with
-    `test_symmetric=True`: every unordered pair of test samples is one verification pair.
-    Training labels are re-numbered 0..C−1 in id order.
-    """
+) -> RowSplit:
+    """Identity-disjoint train/test split of samples given by their labels (n,) (any int ids)
+    and domain (n,) (0 = ID / 1 = spot), as row positions (see `split_identities`)."""
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     keep_ids = counts >= 2
-    info = dict(info or {})
-    info["dropped_identities"] = int((~keep_ids).sum())
     keep = keep_ids[inverse]
-    x, domain = x[keep], domain[keep]
+    kept_rows = torch.nonzero(keep).squeeze(1)
+    domain = domain[keep]
     # dense ids 0..k-1 over the identities that are kept, in id order
     inverse = torch.cumsum(keep_ids, 0)[inverse[keep]] - 1
     k = int(keep_ids.sum())
@@ -113,22 +251,109 @@ def split_identities(
 
     train_mask = ~is_test[inverse]
     relabel = torch.cumsum(~is_test, 0) - 1
-    train = Split(x[train_mask], relabel[inverse[train_mask]], domain[train_mask])
-    common = {"train": train, "input_shape": tuple(x.shape[1:]), "num_classes": k - n_test}
+    common = {
+        "train_rows": kept_rows[train_mask],
+        "train_labels": relabel[inverse[train_mask]],
+        "train_domain": domain[train_mask],
+        "num_classes": k - n_test,
+        "dropped_identities": int((~keep_ids).sum()),
+    }
     if all_pairs:
-        test_x = x[~train_mask]
+        test_rows = kept_rows[~train_mask]
         test_labels = (torch.cumsum(is_test, 0) - 1)[inverse[~train_mask]]
+        return RowSplit(
+            **common, test_id_rows=test_rows, test_spot_rows=test_rows, test_labels=test_labels
+        )
+    id_rows, spot_rows = _one_pair_per_identity(inverse, domain, k, is_test)
+    return RowSplit(
+        **common,
+        test_id_rows=kept_rows[id_rows],
+        test_spot_rows=kept_rows[spot_rows],
+        test_labels=None,
+    )
+
+
+def split_identities(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    domain: torch.Tensor,
+    test_fraction: float,
+    seed: int,
+    info: dict[str, Any] | None = None,
+    all_pairs: bool = False,
+    quality: dict[str, int] | None = None,
+) -> IvSData:
+    """Identity-disjoint train/test split of samples (x (n,...), labels (n,) any int ids,
+    domain (n,) 0 = ID / 1 = spot).
+
+    Identities with fewer than 2 samples are dropped (counted in info["dropped_identities"]).
+    A seeded permutation of the sorted identity ids puts round(test_fraction·#ids) identities in
+    the test set (at least 1 and leaving at least 2 for training); each contributes one pair:
+    its first domain-0 sample as ID and its first domain-1 sample as spot (the first two samples
+    when it lacks one of the domains). With `all_pairs`, every sample of a test identity is kept
+    instead, on both sides (the same tensor), labelled 0..m−1 in id order, with
+    `test_symmetric=True`: every unordered pair of test samples is one verification pair.
+    Training labels are re-numbered 0..C−1 in id order.
+    """
+    s = split_rows(labels, domain, test_fraction, seed, all_pairs)
+    info = dict(info or {}) | {"dropped_identities": s.dropped_identities}
+    train = Split(x[s.train_rows], s.train_labels, s.train_domain)
+    common = {
+        "train": train,
+        "input_shape": tuple(x.shape[1:]),
+        "num_classes": s.num_classes,
+        "info": info,
+        "quality": quality or {},
+    }
+    if all_pairs:
+        test_x = x[s.test_id_rows]
         return IvSData(
             **common,
             test_id_x=test_x,
             test_spot_x=test_x,
-            info=info,
-            test_id_labels=test_labels,
-            test_spot_labels=test_labels,
+            test_id_labels=s.test_labels,
+            test_spot_labels=s.test_labels,
             test_symmetric=True,
         )
-    id_rows, spot_rows = _one_pair_per_identity(inverse, domain, k, is_test)
-    return IvSData(**common, test_id_x=x[id_rows], test_spot_x=x[spot_rows], info=info)
+    return IvSData(**common, test_id_x=x[s.test_id_rows], test_spot_x=x[s.test_spot_rows])
+
+
+def split_source(
+    store_rows: np.ndarray,
+    labels: torch.Tensor,
+    domain: torch.Tensor,
+    test_fraction: float,
+    seed: int,
+    make_source: Callable[[np.ndarray, np.ndarray, np.ndarray], StreamSource],
+    input_shape: tuple[int, ...],
+    info: dict[str, Any] | None = None,
+    all_pairs: bool = False,
+    quality: dict[str, int] | None = None,
+) -> IvSData:
+    """`split_identities` for a streaming kind: samples are rows `store_rows` (n,) of a store,
+    and `make_source(train_rows, test_id_rows, test_spot_rows)` (store rows) builds the
+    `StreamSource` that reads them; nothing is decoded."""
+    s = split_rows(labels, domain, test_fraction, seed, all_pairs)
+    info = dict(info or {}) | {"dropped_identities": s.dropped_identities}
+    store_rows = np.asarray(store_rows, dtype=np.int64)
+    source = make_source(
+        store_rows[s.train_rows.numpy()],
+        store_rows[s.test_id_rows.numpy()],
+        store_rows[s.test_spot_rows.numpy()],
+    )
+    return IvSData(
+        train=Split(None, s.train_labels, s.train_domain),
+        test_id_x=None,
+        test_spot_x=None,
+        input_shape=input_shape,
+        num_classes=s.num_classes,
+        info=info,
+        test_id_labels=s.test_labels,
+        test_spot_labels=s.test_labels,
+        test_symmetric=all_pairs,
+        quality=quality or {},
+        source=source,
+    )
 
 
 def _one_pair_per_identity(

@@ -75,6 +75,41 @@ def _orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))  # sign fix: Haar-distributed
 
 
+MAX_DIM = 8192
+"""Largest `dim`: the generator draws a dim×dim random orthogonal matrix (QR, O(dim³))."""
+MAX_BYTES = 16 * 2**30
+"""Largest float32 size of the base photos (2 per identity, train and test): 16 GiB."""
+
+
+def check_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Every key, type and range of a synthetic_ivs `[data]` table, checked arithmetically
+    (nothing is allocated): suite validation calls this for every trial. Refuses `dim` above
+    MAX_DIM and data whose base photos would exceed MAX_BYTES, naming the keys."""
+    p = resolve("synthetic_ivs", cfg, DEFAULTS)
+    n = check_int(p, "identities", 3)
+    m = check_int(p, "test_identities", 2)
+    d = check_int(p, "dim", 2, MAX_DIM)
+    check_int(p, "lookalike_groups", 1, 10_000_000)
+    check_float(p, "group_spread", 0.0)
+    check_float(p, "domain_gap", 0.0, 1.0)
+    check_float(p, "noise", 0.0)
+    check_float(p, "nuisance", 0.0)
+    modality = check_choice(p, "modality", MODALITIES)
+    s = check_int(p, "image_size", PATTERN, 4096)
+    check_float(p, "imbalance", 0.0)
+    check_int(p, "imbalance_max", 0, 1_000_000)
+    per_photo = CHANNELS * s * s if modality == "images" else d
+    size = 2 * (n + m) * per_photo * 4
+    if size > MAX_BYTES or p["lookalike_groups"] * (d // 2) * 4 > MAX_BYTES:
+        raise ValueError(
+            f"data.identities / data.test_identities / data.dim / data.image_size describe "
+            f"{size / 2**30:.1f} GiB of float32 photos (2·(identities + test_identities) × "
+            f"{per_photo} values); the synthetic generator is limited to "
+            f"{MAX_BYTES / 2**30:.0f} GiB"
+        )
+    return p
+
+
 @dataclass(frozen=True)
 class SyntheticIvS:
     """The fixed part of the generative model (module docstring) for one seed."""
@@ -89,19 +124,8 @@ class SyntheticIvS:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], seed: int) -> SyntheticIvS:
-        p = resolve("synthetic_ivs", cfg, DEFAULTS)
-        check_int(p, "identities", 3)
-        check_int(p, "test_identities", 2)
-        d = check_int(p, "dim", 2)
-        groups = check_int(p, "lookalike_groups", 1)
-        check_float(p, "group_spread", 0.0)
-        gap = check_float(p, "domain_gap", 0.0, 1.0)
-        check_float(p, "noise", 0.0)
-        check_float(p, "nuisance", 0.0)
-        check_choice(p, "modality", MODALITIES)
-        check_int(p, "image_size", PATTERN)
-        check_float(p, "imbalance", 0.0)
-        check_int(p, "imbalance_max", 0)
+        p = check_params(cfg)
+        d, groups, gap = p["dim"], p["lookalike_groups"], p["domain_gap"]
         h = d // 2
         gen = _generator(seed, 0)
         centres = F.normalize(torch.randn(groups, h, generator=gen), dim=1)
@@ -182,7 +206,7 @@ class SyntheticIvS:
         return img + p["noise"] * torch.randn(img.shape, generator=gen)
 
 
-def build_synthetic_ivs(cfg: Mapping[str, Any], seed: int) -> IvSData:
+def build_synthetic_ivs(cfg: Mapping[str, Any], seed: int, **_: Any) -> IvSData:
     """`build_data` for kind "synthetic_ivs" (module docstring; keys and defaults in DEFAULTS)."""
     world = SyntheticIvS.from_config(cfg, seed)
     n, m = world.params["identities"], world.params["test_identities"]

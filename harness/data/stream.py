@@ -1,0 +1,243 @@
+"""Sample stores and their loaders: what lets a dataset stay on disk until a batch needs it.
+
+A `Store` holds n samples addressed by row (0..n−1) and reads one at a time:
+
+- `ArrayStore`: rows of a numpy array, typically a read-only memory map of a .npy file
+  (kind "features"); `read` returns float32 (*input_shape).
+- image stores (`FolderStore` in image_folder.py, `RecordStore` in recordio.py, `CachedStore`
+  in cache.py): `read` returns uint8 (channels, size, size); `to_float` maps it to [−1, 1] with
+  x = (pixel/255 − 0.5)/0.5, the normalisation of every image kind.
+
+`StreamSource` = a store plus the rows of the training samples and of both test sides; it is
+what `IvSData` holds for kinds that do not keep their samples in memory. Training batches come
+from a `torch.utils.data.DataLoader` whose `batch_sampler` yields, per batch, the P×K rows (from
+`PairBatchSampler`, seeded) together with their labels and flip decisions (from a second seeded
+stream), so a batch is the same whether it is decoded in-process (`workers = 0`) or by any
+number of worker processes. Stores hold only numpy arrays and paths (no per-sample Python
+objects), so forked workers do not copy them page by page, and they reopen their files in each
+process.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PREFETCH = 4  # batches prefetched per worker
+
+
+class BadSample(ValueError):
+    """A sample that cannot be read (undecodable image, truncated record); names the file."""
+
+
+class Store(ABC):
+    """n samples of one shape, read by row (module docstring)."""
+
+    #: shape of one sample as returned by `to_float(read(row))`
+    input_shape: tuple[int, ...]
+    #: True: `read` returns uint8 pixels (normalised by `to_float`, flippable)
+    images: bool = True
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def read(self, row: int) -> np.ndarray:
+        """Sample `row`; raises `BadSample` naming the file when it cannot be read."""
+
+    def describe(self, row: int) -> str:
+        """Where sample `row` comes from, for error messages."""
+        return f"row {row}"
+
+    def to_float(self, a: np.ndarray) -> np.ndarray:
+        """float32 sample: images mapped to [−1, 1], arrays cast."""
+        if self.images:
+            return (a.astype(np.float32) / 255.0 - 0.5) / 0.5
+        return np.asarray(a, dtype=np.float32)
+
+
+class ArrayStore(Store):
+    """Rows of a numpy array (a memory map stays one: only the rows read are paged in)."""
+
+    images = False
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.input_shape = tuple(array.shape[1:])
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def read(self, row: int) -> np.ndarray:
+        return np.asarray(self.array[row], dtype=np.float32)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (len(rows), *input_shape), one fancy-indexing read."""
+        return np.asarray(self.array[np.asarray(rows)], dtype=np.float32)
+
+
+class PerProcessFile:
+    """A binary file handle reopened in every process (forked DataLoader workers must not share
+    the parent's file offset)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._pid = -1
+        self._f = None
+
+    def get(self):
+        if self._pid != os.getpid() or self._f is None:
+            self._f = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
+            self._pid = os.getpid()
+        return self._f
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_pid": -1, "_f": None}
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """A store and the rows (np.int64 arrays of store rows) of the training samples (aligned
+    with `Split.labels`) and of the two test sides. `flip`: training-time horizontal flip.
+    `on_bad`: "error" (a sample that fails to read raises `BadSample` naming the file) or
+    "skip" (it is fed as a blank sample, all zeros)."""
+
+    store: Store
+    train_rows: np.ndarray
+    test_id_rows: np.ndarray
+    test_spot_rows: np.ndarray
+    flip: bool = False
+    on_bad: str = "error"
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """float32 (len(rows), *input_shape) decoded in this process, unflipped."""
+        ds = _RowsDataset(self.store, self.on_bad)
+        if isinstance(self.store, ArrayStore):
+            return torch.from_numpy(self.store.read_rows(rows))
+        out = np.empty((len(rows), *self.store.input_shape), dtype=np.float32)
+        for i, r in enumerate(np.asarray(rows)):
+            out[i] = ds.sample(int(r), False)
+        return torch.from_numpy(out)
+
+    def blocks(self, rows: np.ndarray, block: int, workers: int = 0) -> Iterator[torch.Tensor]:
+        """float32 blocks of up to `block` samples of `rows`, in order, unflipped; decoded by
+        `workers` processes (0 = in this one)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if isinstance(self.store, ArrayStore) or workers == 0:
+            for s in range(0, len(rows), block):
+                yield self.take(rows[s : s + block])
+            return
+        spans = [
+            [(int(r), 0, False) for r in rows[s : s + block]] for s in range(0, len(rows), block)
+        ]
+        loader = _loader(self.store, self.on_bad, spans, workers, False, torch.Generator())
+        for x, _ in loader:
+            yield x
+
+    def train_batches(
+        self,
+        index_batches: Iterator[torch.Tensor],
+        labels: torch.Tensor,
+        seed: int,
+        workers: int,
+        pin_memory: bool,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) for each batch of training positions from `index_batches` (endless)."""
+        flip_gen = torch.Generator().manual_seed(_stream_seed(seed, 1))
+        rows, lab = self.train_rows, labels.numpy()
+
+        def items() -> Iterator[list[tuple[int, int, bool]]]:
+            for idx in index_batches:
+                pos = idx.numpy()
+                if self.flip and self.store.images:
+                    flips = (torch.rand(len(pos), generator=flip_gen) < 0.5).tolist()
+                else:
+                    flips = [False] * len(pos)
+                yield [
+                    (int(r), int(y), f) for r, y, f in zip(rows[pos], lab[pos], flips, strict=True)
+                ]
+
+        if isinstance(self.store, ArrayStore):  # already in (mapped) memory: no loader
+            for idx in index_batches:
+                pos = idx.numpy()
+                x = torch.from_numpy(self.store.read_rows(rows[pos]))
+                yield _pin(x, pin_memory), _pin(labels[idx], pin_memory)
+            return
+        gen = torch.Generator().manual_seed(_stream_seed(seed, 2))
+        loader = _loader(self.store, self.on_bad, items(), workers, pin_memory, gen)
+        it = iter(loader)
+        try:
+            yield from it
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def _pin(x: torch.Tensor, pin: bool) -> torch.Tensor:
+    return x.pin_memory() if pin and torch.cuda.is_available() else x
+
+
+class _RowsDataset(Dataset):
+    """Map-style dataset over a store; an item is (row, label, flip) → (float32 sample, label)."""
+
+    def __init__(self, store: Store, on_bad: str):
+        self.store, self.on_bad = store, on_bad
+
+    def sample(self, row: int, flip: bool) -> np.ndarray:
+        try:
+            a = self.store.read(row)
+        except BadSample:
+            if self.on_bad == "error":
+                raise
+            return np.zeros(self.store.input_shape, dtype=np.float32)
+        x = self.store.to_float(a)
+        return np.ascontiguousarray(x[..., ::-1]) if flip else x
+
+    def __getitem__(self, item: tuple[int, int, bool]) -> tuple[torch.Tensor, int]:
+        row, label, flip = item
+        return torch.from_numpy(self.sample(row, flip)), label
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+def _loader(
+    store: Store,
+    on_bad: str,
+    batch_sampler,
+    workers: int,
+    pin_memory: bool,
+    generator: torch.Generator,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> DataLoader:
+    return DataLoader(
+        _RowsDataset(store, on_bad),
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        prefetch_factor=PREFETCH if workers > 0 else None,
+        generator=generator,  # the loader's base seed comes from here, not the global RNG
+        worker_init_fn=worker_init_fn,
+    )
+
+
+def default_workers() -> int:
+    """A sensible number of decoding processes for this machine: the CPUs this process may
+    use, at most 8 (decoding small face crops saturates well before that)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
