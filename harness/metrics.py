@@ -1,21 +1,31 @@
 """Verification metrics: ROC, TAR@FAR, EER, AUC, k-fold accuracy and the IvS evaluation.
 
-Conventions (methods.md §6). A pair is *accepted* at threshold t when its score s ≥ t.
+Definitions (docs/methods.md §6). A pair is *accepted* at threshold t when its score s ≥ t.
 
     TAR(t) = #{genuine s ≥ t} / n_gen          FAR(t) = #{impostor s ≥ t} / n_imp
 
-The ROC is exact: one vertex per distinct score (ties move FAR and TAR together, a diagonal
-step), no threshold grid. All functions accept 1-D torch tensors or numpy arrays and compute in
-float64 on CPU.
+The ROC is exact: one vertex per distinct score, no threshold grid. All pairs tied at a score are
+accepted or rejected together — a threshold never splits a tie — so a tie of genuine and impostor
+pairs is one diagonal ROC step. All functions accept 1-D torch tensors or numpy arrays and
+compute in float64 on CPU.
 
-Rules stated once here:
-- **TAR@FAR** = the largest TAR among ROC vertices whose FAR ≤ `far`. Equivalently, with v the
-  (⌊far·n_imp⌋+1)-th largest impostor score, TAR@FAR = #{genuine s > v} / n_gen. It is NaN
-  ("n/a") when n_imp < 1/far: below that the only admissible threshold rejects every impostor
-  and the figure says nothing about the FAR asked for.
+Rules stated once here (ties are never resolved in the method's favour):
+- **TAR@FAR** = the TAR at the lowest threshold whose FAR ≤ `far` = the largest TAR among ROC
+  vertices with FAR ≤ `far`. Equivalently, with v the (⌊far·n_imp⌋+1)-th largest impostor
+  score, TAR@FAR = #{genuine s > v} / n_gen: genuine pairs tied with v are not counted, since
+  accepting them accepts v's impostors too. It is NaN ("n/a") when n_imp < 1/far: below that the
+  only admissible threshold rejects every impostor and the figure says nothing about the FAR
+  asked for.
 - **EER** = the point where the ROC polyline (vertices joined by straight segments) crosses the
   line FAR = 1 − TAR; the value is that FAR. The polyline is monotone, so the crossing is unique.
-- **AUC** = trapezoidal area under the exact ROC = P(s_gen > s_imp) + ½·P(s_gen = s_imp).
+  A tie sits on a diagonal segment, i.e. counts half: every score tied gives EER = 0.5.
+- **AUC** = trapezoidal area under the exact ROC = P(s_gen > s_imp) + ½·P(s_gen = s_imp), the
+  Mann–Whitney statistic with ties counted ½ (what `sklearn.metrics.roc_auc_score` returns).
+
+So scores that are equal must be *bit*-equal: a 1-ulp difference between a genuine score and its
+tied impostors turns chance (TAR 0, EER 0.5, AUC 0.5) into "perfect" (TAR 1, EER 0, AUC 1) or the
+worst possible. `ivs_verification` therefore computes every score exactly (see there), and
+reports `collapsed` when the embeddings have about one direction (`COLLAPSE_SPREAD`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "COLLAPSE_SPREAD",
     "auc",
     "eer",
     "far_key",
@@ -189,6 +200,11 @@ def kfold_accuracy(scores, is_genuine, folds: int = 10) -> tuple[float, float]:
 
 # --- IvS evaluation at scale --------------------------------------------------------------------
 
+COLLAPSE_SPREAD = 1e-6
+"""`collapsed` threshold on the spread of a side's L2-normalised embeddings (`_spread`)."""
+
+_GRID_BITS = 24  # fixed-point fraction bits of the exact scores (`_fixed_point`)
+
 
 def ivs_verification(
     id_emb: torch.Tensor,
@@ -200,7 +216,7 @@ def ivs_verification(
     symmetric: bool = False,
     block: int = 1024,
     normalize: bool = True,
-) -> dict[str, float]:
+) -> dict[str, float | bool]:
     """All-vs-all ID×spot verification without materialising the n×m score matrix.
 
     id_emb (n, d), spot_emb (m, d); S = cosine (rows L2-normalised when `normalize`; with
@@ -212,24 +228,44 @@ def ivs_verification(
     - `symmetric=True` (needs labels; id and spot are the same n samples, equal labels; the
       image-folder "all_pairs" protocol): only the unordered pairs {i, j}, i < j, count, each
       once — a sample is never paired with itself, and (j, i) is not a second pair.
-    Returns `{far_key(f): TAR@f for f in fars, "eer": ..., "auc": ...}` with exactly the values
-    that `tar_at_far`/`eer`/`auc` give on the dense list of those pairs' scores (up to float32
-    GEMM rounding).
+    Returns `{far_key(f): TAR@f for f in fars, "eer": ..., "auc": ..., "collapsed": bool}`; the
+    figures are exactly what `tar_at_far`/`eer`/`auc` give on the dense list of those pairs'
+    scores (module docstring: ties never count in the method's favour).
 
-    Genuine scores are computed first from the genuine (i, j) index list (labels sorted and
-    matched, O(n_gen) memory). S is then computed in row blocks of `block` ID rows (block×m
-    floats each; symmetric: only columns ≥ the block's first row); in each block the
+    Exact scores. Each embedding row is rounded to a power-of-two fixed-point grid of its own,
+    `_fixed_point` (24 bits: step 2^-24 ≈ 6e-8 for unit rows, below the float32 rounding of a
+    cosine). On those grids every product of two coordinates and every partial sum of a dot product
+    is an integer multiple of step_r·step_c below 2^50 of them, so float64 arithmetic computes each
+    score *without rounding*, in any summation order, FMA or not; it is then rounded once to
+    float32 (monotone: no order is inverted). A score is therefore a function of the two embedding
+    rows alone — not of the op (GEMM or row-wise product), the block, or the position — and equal
+    rows give bit-equal scores. (A float32 GEMM does not: MKL gives identical rows 1-ulp different
+    scores at tile edges, and `(a*b).sum(1)` rounds differently from `a @ b.T`; collapsed
+    embeddings then scored TAR 1/EER 0/AUC 1 at random.) With `normalize=False`, embeddings whose
+    dot products could leave the float32 range (max‖a_i‖·max‖b_j‖ > 3.4e38) raise ValueError.
+
+    `collapsed` (bool): True when either side's L2-normalised embeddings (of a side with ≥ 2
+    rows) have `_spread` ≤ `COLLAPSE_SPREAD` = 1e-6, i.e. 1 − (mean cosine over all its ordered
+    pairs, self-pairs included) ≤ 1e-6: every direction within ~1e-3 rad RMS of the mean, so that
+    scores differ by ~1e-6, a few float32 rounding units, or all rows zero. The figures are then
+    ties and rounding (chance at best) and say nothing about the method.
+
+    Computation. Genuine scores are computed first from the genuine (i, j) index list (labels
+    sorted and matched, O(n_gen) memory). S is then computed in row blocks of `block` ID rows
+    (block×m entries each; symmetric: only columns ≥ the block's first row); in each block the
     non-impostor entries (genuine pairs, and for `symmetric` the diagonal and lower triangle) are
     set to −inf and so drop out of both statistics:
     - TAR@FAR: only the largest k = ⌊max(fars)·n_imp⌋+1 impostor scores are kept (a running
       top-k: a block's scores below the current k-th largest are discarded before merging).
       TAR@f = #{genuine > v_f}/n_gen with v_f the (⌊f·n_imp⌋+1)-th largest impostor.
-    - EER/AUC: each impostor is counted into 2u+1 bins against the u sorted distinct genuine
-      scores (strictly between two of them, or equal to one) with searchsorted + bincount. These counts give the exact ROC at
-      every genuine score and just above it; the omitted vertices (thresholds at impostor scores
-      only) lie on horizontal ROC segments, so the polyline — hence the trapezoidal AUC and the
-      EER crossing — is unchanged.
-    Peak extra memory: O(block·m) for one block of scores and its bin indices, plus O(k + n_gen).
+    - EER/AUC: each impostor not below the smallest genuine score is counted into 2u+1 bins
+      against the u sorted distinct genuine scores (strictly between two of them, or equal to
+      one) with searchsorted + bincount. These counts give the exact ROC at every genuine score
+      and just above it; the omitted vertices (thresholds at impostor scores only) lie on
+      horizontal ROC segments, so the polyline — hence the trapezoidal AUC and the EER crossing —
+      is unchanged.
+    Peak extra memory: O(block·m) for one block of scores and its bin indices, plus O(k + n_gen)
+    and float64 copies of the embeddings, O((n + m)·d).
     """
     a, b = _checked_embeddings(id_emb, spot_emb, id_labels, spot_labels, normalize)
     if block < 1:
@@ -256,10 +292,20 @@ def ivs_verification(
         raise ValueError(
             f"labels give {gen_i.numel()} genuine and {n_imp} impostor pairs; need ≥ 1 of each"
         )
+    sides = (a,) if symmetric else (a, b)
+    collapsed = any(_spread(x) <= COLLAPSE_SPREAD for x in sides if x.shape[0] >= 2)
+    a, b = _fixed_point(a), _fixed_point(b)  # float64; exact products and sums from here on
+    # |score| ≤ ‖a_i‖·‖b_j‖; a float32 ±inf score would tie with the −inf mask below
+    bound = float(a.norm(dim=1).max()) * float(b.norm(dim=1).max())
+    if bound > torch.finfo(torch.float32).max:
+        raise ValueError(
+            f"dot products of these embeddings can reach {bound:.3g}, beyond float32; "
+            "normalize or rescale them"
+        )
 
     genuine = torch.cat(
         [
-            (a[gen_i[k : k + block]] * b[gen_j[k : k + block]]).sum(dim=1)
+            (a[gen_i[k : k + block]] * b[gen_j[k : k + block]]).sum(dim=1).float()
             for k in range(0, gen_i.numel(), block)
         ]
     )
@@ -274,7 +320,7 @@ def ivs_verification(
     for k, start in enumerate(range(0, n, block)):
         stop = min(start + block, n)
         col0 = start if symmetric else 0
-        scores = a[start:stop] @ b[col0:].T
+        scores = (a[start:stop] @ b[col0:].T).float()
         drop_r = gen_i[bounds[k] : bounds[k + 1]] - start
         drop_c = gen_j[bounds[k] : bounds[k + 1]] - col0
         if symmetric:  # the diagonal and below: self-pairs and mirrored duplicates
@@ -282,12 +328,11 @@ def ivs_verification(
             drop_r, drop_c = torch.cat([drop_r, tril[0]]), torch.cat([drop_c, tril[1]])
         scores[drop_r, drop_c] = -math.inf
         flat = scores.view(-1)
-        # the −inf entries land in bin 0 (below every genuine score), which the ROC never reads
         bins += _bin_counts(flat, uniq)
         if keep:
             cand = flat[flat > top[-1]] if top.numel() == keep else flat
             top = torch.cat([top, cand]).topk(min(keep, top.numel() + cand.numel())).values
-    out: dict[str, float] = {}
+    out: dict[str, float | bool] = {}
     for f in fars:
         if f not in defined:
             out[far_key(f)] = math.nan
@@ -299,7 +344,50 @@ def ivs_verification(
     far, tar = _roc_from_bins(bins, uniq, genuine, n_imp)
     out["eer"] = _eer_from_roc(far, tar)
     out["auc"] = _auc_from_roc(far, tar)
+    out["collapsed"] = collapsed
     return out
+
+
+def _fixed_point(x: torch.Tensor) -> torch.Tensor:
+    """float64 copy of x (n, d), each row r rounded to its own grid step_r = 2^(e_r − 24), e_r the
+    least integer with ‖x_r‖ ≤ 2^e_r (up to a 1e-6 slack in log2: e_r = 0 for unit rows whose norm
+    rounds to 1 ± 1e-7; e_r = 0 for a zero row). step_r depends on row r alone, so equal rows stay
+    equal, and a small-norm row (`normalize=False`) keeps 24 bits however large the other rows.
+
+    Why a dot product of two such rows r, c is exact in float64: coordinate i of row r is
+    p_i·step_r with p_i an integer, |p_i| ≤ 2^24·|x_ri|/2^e_r + ½, so a product is
+    (p_i q_i)·step_r·step_c and a partial sum Σ p_i q_i (any subset, any order) is an integer with
+    |Σ| ≤ ‖p‖·‖q‖ ≤ (2^24·(1 + 1e-6) + √d/2)² < 2^50 (Cauchy–Schwarz) — below 2^53, so every
+    product and every partial sum is representable: no rounding in any order, FMA or not.
+    Multiplying by powers of two is exact too: float32 inputs put step_r in [2^-173, 2^+115] (with
+    d < 2^20), so step_r·step_c·2^50 stays far inside float64's normal range.
+    """
+    x = x.double()
+    norm = x.norm(dim=1, keepdim=True)
+    # log2 slack: a unit row whose norm rounds to 1 + 1e-7 keeps e = 0 (the bound above allows it)
+    exponent = torch.where(norm > 0, torch.ceil(torch.log2(norm) - 1e-6), torch.zeros_like(norm))
+    step = torch.exp2(exponent - _GRID_BITS)
+    return torch.round(x / step) * step
+
+
+def _spread(x: torch.Tensor) -> float:
+    """Mean squared distance of x's L2-normalised rows to their mean, in float64.
+
+    For unit rows u_1…u_N this is 1 − ‖ū‖² = 1 − (1/N²)·Σ_{i,j} u_i·u_j: one minus the mean cosine
+    over all ordered pairs, self-pairs included (over distinct pairs: 1 − N/(N−1)·spread). 0 when
+    all rows have one direction (or are all zero), about 1 for directions spread over the sphere.
+    """
+    u = _unit_rows(x)
+    return float(((u - u.mean(dim=0)) ** 2).sum(dim=1).mean())
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows divided by their norms, in float64 (zero rows stay zero). Unlike
+    `F.normalize` (which divides by max(‖x‖, 1e-12)) a row of norm 1e-20 becomes a unit row
+    too, and float64 norms of float32 rows neither overflow nor underflow."""
+    x = x.double()
+    norm = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def _checked_embeddings(
@@ -309,7 +397,7 @@ def _checked_embeddings(
     spot_labels: torch.Tensor | None,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes and labels; float32 CPU copies, L2-normalised when `normalize`."""
+    """Validate shapes and labels; float32 CPU copies, L2-normalised (in float64) if `normalize`."""
     if (id_labels is None) != (spot_labels is None):
         raise ValueError("give both id_labels and spot_labels, or neither")
     if id_labels is None:
@@ -339,8 +427,7 @@ def _checked_embeddings(
                 )
     a, b = id_emb.detach().float().cpu(), spot_emb.detach().float().cpu()
     if normalize:
-        a = torch.nn.functional.normalize(a, dim=1)
-        b = torch.nn.functional.normalize(b, dim=1)
+        a, b = _unit_rows(a).float(), _unit_rows(b).float()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise ValueError("embeddings contain NaN or inf")
     return a, b
@@ -363,12 +450,25 @@ def _genuine_pairs(
     return i, j
 
 
-def _bin_counts(imp: torch.Tensor, uniq: torch.Tensor) -> torch.Tensor:
-    """Counts of `imp` in 2u+1 bins against ascending distinct values `uniq` (u,): bin 2i holds
-    values strictly between uniq[i−1] and uniq[i], bin 2i+1 values equal to uniq[i]."""
-    i = torch.searchsorted(uniq, imp)  # number of uniq < value
-    equal = uniq[i.clamp(max=uniq.numel() - 1)] == imp
-    return torch.bincount(2 * i + equal, minlength=2 * uniq.numel() + 1)
+def _bin_counts(scores: torch.Tensor, uniq: torch.Tensor) -> torch.Tensor:
+    """Counts of `scores` in 2u+1 bins against ascending distinct values `uniq` (u,): bin 2i holds
+    values strictly between uniq[i−1] and uniq[i], bin 2i+1 values equal to uniq[i].
+
+    Bin 0 (below uniq[0], where the masked −inf entries land too) is never read by the ROC, so it
+    is left 0 and, when it holds most of the scores, they are filtered out before the binary
+    search.
+    """
+    above = scores >= uniq[0]
+    n_above = int(above.sum())
+    if n_above < scores.numel() // 2:
+        scores = scores[above]
+    del above
+    i = torch.searchsorted(uniq, scores)  # number of uniq < value
+    # NaN sentinel at index u: never equal, so values above uniq[-1] (i = u) stay in bin 2u
+    equal = torch.cat([uniq, uniq.new_full((1,), math.nan)])[i] == scores
+    counts = torch.bincount(i.mul_(2).add_(equal), minlength=2 * uniq.numel() + 1)
+    counts[0] = 0
+    return counts
 
 
 def _roc_from_bins(

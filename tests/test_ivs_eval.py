@@ -167,6 +167,7 @@ def test_identical_embeddings_give_tar_one():
     out = ivs_verification(a, a.clone(), [1e-1, 1e-3, 1e-5])
     assert out["tar@1e-1"] == out["tar@1e-3"] == out["tar@1e-5"] == 1.0
     assert out["eer"] == 0.0 and out["auc"] == 1.0
+    assert out["collapsed"] is False  # identical sides, but 500 different directions
 
 
 def test_undefined_far_is_nan():
