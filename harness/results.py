@@ -6,12 +6,16 @@ Layout of one run (`root/<suite>/<run_id>/`):
     run.lock                  flock held by the process writing the run (freed if it dies)
     trials/<trial_id>.parquet one row per trial (written last: its presence = trial done)
     curves/<trial_id>.parquet per-step curves of that trial
+    quarantine/               damaged trial files found on --resume (moved, never deleted)
 
 Every file is written to a temporary name in the same directory and `os.replace`d into place,
-so a reader (or a run killed with -9) never sees a half-written file. Run ids are unique
-(UTC time + random suffix) and created with `mkdir(exist_ok=False)`, so two runs writing into
-the same results root at once never share a directory; the lock stops two processes from
-resuming the same run at once.
+so a reader (or a run killed with -9) never sees a half-written file; a temporary file left by a
+kill inside that window is removed on `--resume`. Run ids are unique (UTC time + random suffix)
+and created with `mkdir(exist_ok=False)`, so two runs writing into the same results root at
+once never share a directory; the lock stops two processes from resuming the same run at once.
+No write under the root follows a symlink (`harness.results_io`). OS errors while preparing a
+run raise `RunDirError`, while writing results `RunWriteError` (disk full: one line, nothing
+finished lost).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import os
 import re
 import secrets
-import tempfile
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,12 +36,28 @@ from typing import Any
 import polars as pl
 
 from harness.records import CURVE_COLUMNS, TrialOutcome, column_dtype
+from harness.results_io import (
+    RunDirError,
+    RunWriteError,
+    atomic_write,
+    check_no_symlinks,
+    dir_error,
+    mkdir_real,
+    open_lock_file,
+    read_meta_file,
+    require_dir,
+    stale_temp_files,
+    start_time,
+    verify_trial,
+)
+
+__all__ = ["RunDataWarning", "RunDir", "RunDirError", "RunWriteError", "load_curves", "load_run"]
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class RunDirError(ValueError):
-    """A run directory or id is invalid, missing, or in use by another process."""
+class RunDataWarning(UserWarning):
+    """Some files of a run could not be read and were left out."""
 
 
 def _utcnow() -> str:
@@ -57,6 +77,8 @@ def check_run_id(run_id: str) -> str:
         raise RunDirError(
             f"run id {run_id!r} must match [A-Za-z0-9][A-Za-z0-9_.-]* (no '/', no '..')"
         )
+    if len(run_id) > 200:
+        raise RunDirError(f"run id of {len(run_id)} characters is too long (at most 200)")
     return run_id
 
 
@@ -64,13 +86,20 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def _check_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"results directory {root} is not a directory")
+
+
 class RunDir:
     """One run's directory; hold `lock()` while writing into it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         self.path = path
+        self.root = root if root is not None else path.parent.parent
         self.trials = path / "trials"
         self.curves = path / "curves"
+        self.quarantine = path / "quarantine"
 
     @property
     def run_id(self) -> str:
@@ -80,57 +109,82 @@ class RunDir:
     def create(cls, root: Path, suite: str, run_id: str | None = None) -> RunDir:
         """A new, empty run directory `root/suite/run_id` (fails if it exists)."""
         run_id = check_run_id(new_run_id() if run_id is None else run_id)
-        path = check_inside(root, root / suite / run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_root(root)
+        check_inside(root, root / suite / run_id)
+        path = root / suite / run_id
+        check_no_symlinks(root, path)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
         except FileExistsError:
-            raise RunDirError(f"run directory {path} already exists (use --resume)") from None
-        run = cls(path)
-        run.trials.mkdir()
-        run.curves.mkdir()
+            if path.parent.is_dir():
+                raise RunDirError(f"run directory {path} already exists (use --resume)") from None
+            raise RunDirError(f"cannot create {path}: {path.parent} is a file") from None
+        except OSError as exc:
+            raise dir_error("cannot create the run directory", path, exc) from None
+        run = cls(path, root)
+        mkdir_real(run.trials)
+        mkdir_real(run.curves)
         return run
 
     @classmethod
     def find(cls, root: Path, suite: str, run_id: str | None = None) -> RunDir:
-        """An existing run: `run_id`, or the latest run of `suite` under `root`."""
-        suite_dir = check_inside(root, root / suite)
+        """An existing run: `run_id`, or the run of `suite` under `root` that started last
+        (`start` in its run.json; a run whose run.json is unreadable counts by its mtime)."""
+        _check_root(root)
+        suite_dir = root / suite
+        check_inside(root, suite_dir)
+        check_no_symlinks(root, suite_dir)
         if run_id is not None:
-            path = check_inside(root, suite_dir / check_run_id(run_id))
+            path = suite_dir / check_run_id(run_id)
+            check_no_symlinks(root, path)
             if not (path / "run.json").is_file():
                 raise RunDirError(f"no run {run_id!r} of suite {suite!r} under {root}")
-            return cls(path)
-        runs = sorted(p for p in suite_dir.glob("*/run.json")) if suite_dir.is_dir() else []
+            return cls(path, root)
+        runs = [p.parent for p in suite_dir.glob("*/run.json")] if suite_dir.is_dir() else []
+        runs = [p for p in runs if not p.is_symlink() and (p / "run.json").is_file()]
         if not runs:
             raise RunDirError(f"no earlier run of suite {suite!r} under {root} to resume")
-        return cls(runs[-1].parent)
+        return cls(max(runs, key=start_time), root)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive, non-blocking lock on the run (released by the OS if the process dies)."""
-        with open(self.path / "run.lock", "w") as fh:
+        """Exclusive, non-blocking lock on the run (released by the OS if the process dies).
+        Checks first that no path component under the root is a symlink and that `trials/`
+        and `curves/` are real directories."""
+        check_no_symlinks(self.root, self.path / "run.lock")
+        require_dir(self.path, "run directory")
+        fd = open_lock_file(self.path / "run.lock")
+        try:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunDirError(f"run {self.path} is being written by another process") from None
+            require_dir(self.trials, "trials/ folder")
+            require_dir(self.curves, "curves/ folder")
             try:
                 yield
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # --- provenance ------------------------------------------------------------------------
 
     def read_meta(self) -> dict[str, Any]:
-        return json.loads((self.path / "run.json").read_text())
+        """run.json as a dict; `RunDirError` (one line) when it is unreadable or malformed."""
+        return read_meta_file(self.path / "run.json")
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        _atomic_write(self.path / "run.json", json.dumps(meta, indent=2, default=str).encode())
+        atomic_write(self.path / "run.json", json.dumps(meta, indent=2, default=str).encode())
 
     # --- trials ------------------------------------------------------------------------------
 
     def write_outcome(self, outcome: TrialOutcome) -> None:
         """Curves first, then the row: a trial file exists only for a completed trial."""
         tid = outcome.trial_id
+        require_dir(self.trials, "trials/ folder")
+        require_dir(self.curves, "curves/ folder")
         curves = pl.DataFrame(outcome.curves or None, schema=CURVE_COLUMNS, strict=False)
         curves = curves.with_columns(pl.lit(tid).alias("trial_id"))
         _atomic_parquet(curves, self.curves / f"{tid}.parquet")
@@ -143,11 +197,43 @@ class RunDir:
         for f in self.trials.glob("*.parquet"):
             try:
                 row = pl.read_parquet(f, columns=["trial_id", "status"])
-            except Exception:  # truncated/corrupt (should not happen with atomic writes)
+            except Exception:  # damaged: re-run (repair() quarantines it on --resume)
                 continue
             if row.height == 1 and row["trial_id"][0] == f.stem:
                 out[f.stem] = row["status"][0]
         return out
+
+    def repair(self) -> tuple[list[Path], dict[str, str]]:
+        """Before resuming (under the lock): remove temporary files a kill left behind and move
+        every damaged trial (row or curve file unreadable, or a row that is not exactly this
+        trial's) into `quarantine/`, so that it is re-run. Returns (removed temp files,
+        trial_id -> why it was quarantined)."""
+        stale = stale_temp_files(self.path, self.trials, self.curves)
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        damaged = {}
+        for f in sorted(self.trials.glob("*.parquet")):
+            why = verify_trial(f, self.curves / f.name)
+            if why is not None:
+                damaged[f.stem] = why
+        if damaged:
+            check_no_symlinks(self.root, self.quarantine)
+            mkdir_real(self.quarantine)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            for tid in damaged:
+                for kind in ("trials", "curves"):
+                    src = self.path / kind / f"{tid}.parquet"
+                    if src.is_symlink() or src.exists():
+                        _move(src, self.quarantine / f"{stamp}-{kind}-{tid}.parquet")
+        return stale, damaged
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise dir_error("cannot move a damaged file to quarantine:", src, exc) from None
 
 
 def row_frame(row: dict[str, Any]) -> pl.DataFrame:
@@ -157,44 +243,54 @@ def row_frame(row: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame([row], schema=schema, strict=False)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
     buf = io.BytesIO()  # a trial's row or curves: small enough to serialise in memory
     frame.write_parquet(buf)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
+
+
+def _read_each(files: list[Path], what: str) -> list[pl.DataFrame]:
+    """Every readable file as a frame; unreadable ones are named in one `RunDataWarning`."""
+    frames, bad = [], []
+    for f in files:
+        try:
+            frames.append(pl.read_parquet(f))
+        except Exception:  # polars raises several error types for corrupt files
+            bad.append(f.name)
+    if bad:
+        warnings.warn(
+            f"{files[0].parent}: skipped {len(bad)} unreadable {what} file(s): {', '.join(bad)}",
+            RunDataWarning,
+            stacklevel=3,
+        )
+    return frames
 
 
 def load_run(path: str | Path) -> pl.DataFrame:
-    """All trial rows of the run at `path`, sorted by trial_index then seed.
+    """All readable trial rows of the run at `path`, sorted by trial_index then seed.
 
     Frames from different code versions are aligned by column name (missing columns become
-    null). Raises `RunDirError` naming the directory when it is not a run, holds no trial
-    files, holds an unreadable one, or its rows have no `status` column.
+    null). An unreadable trial file is left out with a `RunDataWarning` naming it. Raises
+    `RunDirError` naming the directory when it is not a run, holds no readable trial file, or
+    its rows have no `status` column.
     """
     path = Path(path)
     trials = path / "trials"
     if not trials.is_dir():
         raise RunDirError(f"{path}: not a run directory (no trials/ folder)")
-    files = sorted(trials.glob("*.parquet"))
+    try:
+        files = sorted(trials.glob("*.parquet"))
+    except OSError as exc:
+        raise dir_error("cannot list", trials, exc) from None
     if not files:
         raise RunDirError(f"{path}: trials/ holds no .parquet files (no trial has finished)")
+    frames = _read_each(files, "trial")
+    if not frames:
+        raise RunDirError(f"{path}: none of the {len(files)} trial files is readable")
     try:
-        frame = pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed").collect()
-    except Exception as exc:  # polars raises several error types for corrupt or clashing files
-        raise RunDirError(f"{path}: cannot read trial files: {exc}") from exc
+        frame = pl.concat(frames, how="diagonal_relaxed")
+    except Exception as exc:  # columns of one name but clashing types
+        raise RunDirError(f"{path}: cannot combine trial files: {exc}") from exc
     if "status" not in frame.columns:
         raise RunDirError(f"{path}: trial rows have no 'status' column")
     order = [c for c in ("trial_index", "seed") if c in frame.columns]
@@ -202,10 +298,12 @@ def load_run(path: str | Path) -> pl.DataFrame:
 
 
 def load_curves(path: str | Path) -> pl.DataFrame:
+    """All readable curve files of a run (unreadable ones left out with a `RunDataWarning`)."""
     files = sorted((Path(path) / "curves").glob("*.parquet"))
-    if not files:
+    frames = _read_each(files, "curve") if files else []
+    if not frames:
         return pl.DataFrame(schema={**CURVE_COLUMNS, "trial_id": pl.String()})
-    return pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed").collect()
+    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def run_meta_start(
@@ -227,12 +325,15 @@ def run_meta_start(
     }
 
 
-def finish_meta(meta: dict[str, Any], counts: dict[str, int], resumed: bool) -> dict[str, Any]:
-    """run.json content after a (possibly resumed) session ended."""
+def finish_meta(
+    meta: dict[str, Any], counts: dict[str, int], resumed: bool, ended: str = "finished"
+) -> dict[str, Any]:
+    """run.json content after a (possibly resumed) session ended; `ended` is `finished`,
+    `interrupted` (Ctrl-C) or `write error`."""
     end = _utcnow()
-    meta["sessions"] = [
-        *meta.get("sessions", []),
-        {"end": end, "resumed": resumed, "statuses": counts},
-    ]
+    session = {"end": end, "resumed": resumed, "statuses": counts}
+    if ended != "finished":
+        session["ended"] = ended
+    meta["sessions"] = [*(meta.get("sessions") or []), session]
     meta["end"] = end
     return meta

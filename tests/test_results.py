@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -101,10 +102,13 @@ def test_check_inside(tmp_path):
             check_inside(tmp_path, escape)
 
 
-def test_find_latest(tmp_path):
-    for rid in ("20200101-000000-aaaaaa", "20210101-000000-aaaaaa"):
+def test_find_latest_is_the_newest_start_not_the_last_name(tmp_path):
+    """Issue 21 item 11: `--resume` without `--run-id` picks the run that started last."""
+    for rid, start in (("zzz-named-run", "2020-01-01T00:00:00+00:00"),
+                       ("aaa-named-run", "2021-06-01T00:00:00+00:00"),
+                       ("20200101-000000-aaaaaa", "2019-01-01T00:00:00+00:00")):  # fmt: skip
         r = RunDir.create(tmp_path, "s", rid)
-        (r.path / "run.json").write_text("{}")
-    assert RunDir.find(tmp_path, "s").run_id == "20210101-000000-aaaaaa"
+        (r.path / "run.json").write_text(json.dumps({"start": start}))
+    assert RunDir.find(tmp_path, "s").run_id == "aaa-named-run"
     with pytest.raises(RunDirError, match="no earlier run"):
         RunDir.find(tmp_path, "other")

@@ -31,8 +31,11 @@ __all__ = [
 def get_executor(name: str, **options: Any) -> Executor:
     """Build the executor called `name` (one of `EXECUTORS`).
 
-    Options: `jobs` (parallel trials; None = the executor's default), `in_process` (local only: run trials in this process).
-    The Ray executor is expected at `harness.executors.ray_executor.RayExecutor(jobs=...)`.
+    Options: `jobs` (parallel trials; None = the executor's default); local only:
+    `in_process` (run trials in this process), `gpus` (device names for the workers'
+    `CUDA_VISIBLE_DEVICES`), `allow_gpu_sharing` (more CUDA trials at once than GPUs).
+    The Ray executor is `harness.executors.ray_executor.RayExecutor(jobs=...)` (Ray reserves
+    GPUs itself).
     """
     if name == "local":
         from harness.executors.local import LocalExecutor
@@ -42,6 +45,7 @@ def get_executor(name: str, **options: Any) -> Executor:
     if name == "ray":
         from harness.executors.ray_executor import RayExecutor
 
-        options.pop("in_process", None)
+        for local_only in ("in_process", "gpus", "allow_gpu_sharing"):
+            options.pop(local_only, None)
         return RayExecutor(**options)
     raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {name!r}")

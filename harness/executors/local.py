@@ -3,20 +3,28 @@
 Why a process per trial (not a pool that reuses workers): a fresh CUDA context per trial makes
 the allocator and NVML peaks the trial's own, a crash or leak ends with its trial, and a hung
 trial can be killed (SIGKILL) at its timeout without disturbing the others. `spawn` (not fork)
-because CUDA cannot be re-initialised in a forked child.
+because CUDA cannot be re-initialised in a forked child. The worker side (dies with this
+process, enforces its own deadline, ignores Ctrl-C) is `harness.executors.worker`.
+
+GPUs: a CUDA trial's worker sees one GPU (`CUDA_VISIBLE_DEVICES`, round-robin over the visible
+devices), and at most one CUDA trial runs per GPU unless `allow_gpu_sharing`
+(`harness.executors.placement`).
+
+A trial's timeout counts from its worker's start (process start and imports included). A worker
+that dies without a result is reported `failed` with its signal or exit code (`oom` when the
+kernel's OOM-kill counter says so; `timeout` when it stopped itself at its deadline).
 
 `in_process=True` runs trials one by one in the calling process (for debugging with pdb);
 timeouts are then cooperative (checked between steps), so a trial stuck in one call cannot be
 stopped.
-
-Worker -> parent messages on a pipe: ("progress", dict) any number of times, then
-("result", TrialOutcome) once.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -28,24 +36,10 @@ from harness.executors.base import (
     failure_outcome,
     timeout_outcome,
 )
-from harness.trial import execute_trial
+from harness.executors.placement import classify_death, gpu_slots, needs_gpu, oom_kill_count
+from harness.executors.worker import run_worker
 
-PROGRESS_INTERVAL_S = 0.5  # a worker sends at most this often: the pipe is not a log
-
-
-def _worker(spec: TrialSpec, conn: Connection) -> None:
-    last = 0.0
-
-    def progress(update: dict[str, Any]) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= PROGRESS_INTERVAL_S:
-            last = now
-            conn.send(("progress", update))
-
-    outcome = execute_trial(spec, progress=progress)
-    conn.send(("result", outcome))
-    conn.close()
+WORKER_GRACE_S = 5.0  # a worker stops itself this long after its deadline if nobody killed it
 
 
 @dataclass
@@ -54,16 +48,33 @@ class _Running:
     proc: Any  # multiprocessing.process.BaseProcess
     conn: Connection
     started: float
+    gpu: str | None
+    oom_before: int | None
 
 
 class LocalExecutor:
-    """Runs trials in spawned worker processes (`jobs` at once) or in this process."""
+    """Runs trials in spawned worker processes (`jobs` at once) or in this process.
 
-    def __init__(self, jobs: int = 1, in_process: bool = False):
+    `gpus`: the device names a worker's `CUDA_VISIBLE_DEVICES` may take (see
+    `placement.visible_devices`; None: no GPU assignment); `allow_gpu_sharing`: run up to
+    `jobs` CUDA trials at once even with fewer GPUs (round-robin).
+    """
+
+    def __init__(
+        self,
+        jobs: int = 1,
+        in_process: bool = False,
+        gpus: Sequence[str] | None = None,
+        allow_gpu_sharing: bool = False,
+        grace_s: float = WORKER_GRACE_S,
+    ):
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1; got {jobs}")
         self.jobs = jobs
         self.in_process = in_process
+        self.gpus = list(gpus or [])
+        self.allow_gpu_sharing = allow_gpu_sharing
+        self.grace_s = grace_s
 
     def run(
         self,
@@ -82,6 +93,8 @@ class LocalExecutor:
         on_result: ResultCallback,
         on_progress: ProgressCallback | None,
     ) -> None:
+        from harness.trial import execute_trial
+
         for spec in trials:
             deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
 
@@ -99,36 +112,62 @@ class LocalExecutor:
     ) -> None:
         ctx = mp.get_context("spawn")
         pending = list(reversed(trials))  # pop() from the end keeps submission order
+        self._free_gpus = gpu_slots(self.gpus, self.jobs, self.allow_gpu_sharing)
         running: dict[Connection, _Running] = {}
         try:
             while pending or running:
                 while pending and len(running) < self.jobs:
+                    gpu = self._gpu_for(pending[-1])
+                    if gpu is False:
+                        break  # the next trial waits for a GPU (submission order is kept)
                     spec = pending.pop()
-                    recv, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(
-                        target=_worker,
-                        args=(spec, send),
-                        daemon=True,
-                        name=f"trial-{spec.trial_id}",
-                    )
-                    proc.start()
-                    send.close()  # the child holds the only write end: EOF when it dies
-                    running[recv] = _Running(spec, proc, recv, time.monotonic())
+                    running_trial = self._start(ctx, spec, gpu or None)
+                    running[running_trial.conn] = running_trial
                 for conn in wait(list(running), timeout=self._wait_timeout(running.values())):
                     self._receive(running, conn, on_result, on_progress)
                 self._kill_overdue(running, on_result)
-        finally:  # interrupted (Ctrl-C): leave no orphan workers behind
+        finally:  # interrupted (Ctrl-C) or on_result raised: leave no orphan workers behind
             for r in running.values():
                 r.proc.kill()
                 r.proc.join()
+
+    def _gpu_for(self, spec: TrialSpec) -> str | bool:
+        """A free GPU slot for a CUDA trial, "" for a trial that needs none, False to wait."""
+        if not self.gpus or not needs_gpu(spec.config.train.device, True):
+            return ""
+        return self._free_gpus.pop(0) if self._free_gpus else False
+
+    def _start(self, ctx: Any, spec: TrialSpec, gpu: str | None) -> _Running:
+        recv, send = ctx.Pipe(duplex=False)
+        started = time.monotonic()
+        deadline = None if spec.timeout_s is None else started + spec.timeout_s
+        environ = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+        proc = ctx.Process(
+            target=run_worker,
+            args=(spec, send, os.getpid(), deadline, environ, self.grace_s),
+            daemon=True,
+            name=f"trial-{spec.trial_id}",
+        )
+        oom_before = oom_kill_count()
+        proc.start()
+        send.close()  # the child holds the only write end: EOF when it dies
+        return _Running(spec, proc, recv, started, gpu, oom_before)
+
+    def _finish(self, running: dict[Connection, _Running], conn: Connection) -> _Running:
+        r = running.pop(conn)
+        r.proc.join()
+        conn.close()
+        if r.gpu is not None:
+            self._free_gpus.append(r.gpu)
+        return r
 
     @staticmethod
     def _wait_timeout(running: Any) -> float | None:
         deadlines = [r.started + r.spec.timeout_s for r in running if r.spec.timeout_s is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
-    @staticmethod
     def _receive(
+        self,
         running: dict[Connection, _Running],
         conn: Connection,
         on_result: ResultCallback,
@@ -138,33 +177,24 @@ class LocalExecutor:
         try:
             kind, payload = conn.recv()
         except (EOFError, OSError):  # the worker died without reporting
-            r.proc.join()
-            del running[conn]
-            conn.close()
-            on_result(
-                failure_outcome(
-                    r.spec,
-                    "failed",
-                    f"worker process died (exit code {r.proc.exitcode}) without a result",
-                )
-            )
+            self._finish(running, conn)
+            status, error = classify_death(r.proc.exitcode, r.oom_before, oom_kill_count())
+            if status == "timeout":
+                on_result(timeout_outcome(r.spec, time.monotonic() - r.started))
+            else:
+                on_result(failure_outcome(r.spec, status, error))  # type: ignore[arg-type]
             return
         if kind == "progress":
             if on_progress is not None:
                 on_progress(r.spec.trial_id, payload)
             return
-        r.proc.join()
-        del running[conn]
-        conn.close()
+        self._finish(running, conn)
         on_result(payload)
 
-    @staticmethod
-    def _kill_overdue(running: dict[Connection, _Running], on_result: ResultCallback) -> None:
+    def _kill_overdue(self, running: dict[Connection, _Running], on_result: ResultCallback) -> None:
         now = time.monotonic()
         for conn, r in list(running.items()):
             if r.spec.timeout_s is not None and now - r.started > r.spec.timeout_s:
                 r.proc.kill()
-                r.proc.join()
-                del running[conn]
-                conn.close()
+                self._finish(running, conn)
                 on_result(timeout_outcome(r.spec, now - r.started))
