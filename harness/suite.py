@@ -23,7 +23,13 @@ independently (cartesian product), concatenated, and duplicates removed (first o
 Every resolved config is validated twice: by the schema (`TrialConfig`), and — unless
 `check=False` — by building what the library would build (`harness.build.check_trial`: registry
 names, head parameters, objective options, data keys). All problems are collected into one
-`SuiteError` with one message per problem, naming the file, the key path and the allowed values.
+`SuiteError` with one message per problem, naming the file, the key path and the allowed values
+(with a did-you-mean hint for a misspelt key or name). Every pass runs even when an earlier one
+failed: keys the schema rejects are dropped and the rest is checked without them.
+
+Bounded work: the grid size is computed before expanding (`suite_checks.grid_size`) and refused
+above `max_trials` (default `MAX_TRIALS` = 10,000); each combination is validated once (its seeds
+are copies), so 10,000 trials validate in about two seconds.
 
 The trial id is the first 12 hex digits of the SHA-256 of the canonical JSON of the resolved
 config (which includes the seed): stable across runs and machines, and the resume key.
@@ -35,12 +41,15 @@ import hashlib
 import itertools
 import json
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.config import SECTIONS, MethodCfg, SuiteFile, SuiteMeta, TrialConfig
+from harness import suite_checks as checks
+from harness.config import SECTIONS, SuiteFile, SuiteMeta, TrialConfig
+from harness.suite_checks import MAX_TRIALS
 
 
 class SuiteError(ValueError):
@@ -80,82 +89,126 @@ def trial_id(config: TrialConfig) -> str:
 # --- entry points ------------------------------------------------------------------------------
 
 
-def load_suite(path: str | Path, *, device: str | None = None, check: bool = True) -> Suite:
+def load_suite(
+    path: str | Path, *, device: str | None = None, check: bool = True,
+    max_trials: int = MAX_TRIALS,
+) -> Suite:  # fmt: skip
     """Read, validate and expand the suite at `path`.
 
     `device` ("auto"|"cpu"|"cuda"), when given, overrides `train.device` of every trial (it is
     part of the resolved config, hence of the trial id). `check=False` skips the library checks
-    (and with them every torch import). Raises `SuiteError` listing every problem.
+    (and with them every torch import). A suite that would expand to more than `max_trials`
+    trials is refused before expanding. Raises `SuiteError` listing every problem.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise SuiteError([f"{path}: cannot read suite file: {exc.strerror or exc}"]) from None
-    return parse_suite(text, path=str(path), device=device, check=check)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteError(
+            [f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+             "a suite file is UTF-8 TOML"]
+        ) from None  # fmt: skip
+    return parse_suite(text, path=str(path), device=device, check=check, max_trials=max_trials)
 
 
 def parse_suite(
-    text: str, *, path: str = "<suite>", device: str | None = None, check: bool = True
-) -> Suite:
-    """`load_suite` on a string (`path` is used in messages only)."""
+    text: str, *, path: str = "<suite>", device: str | None = None, check: bool = True,
+    max_trials: int = MAX_TRIALS,
+) -> Suite:  # fmt: skip
+    """`load_suite` on a string (`path` is used in messages only).
+
+    Every pass runs even when an earlier one found problems (a key the schema rejects is
+    dropped, and the rest of the suite is checked without it), so one round of fixes suffices.
+    """
+    raw = _toml(text, path, device)
+    problems: list[str] = []
+    top, repaired = _top_level(raw, problems)
+    sweep = [(i, _flatten(b)) for i, b in enumerate(top.sweep) if i not in repaired.bad_blocks]
+    for i, block in sweep:
+        problems += checks.sweep_problems(i, block)
+    sweep = [(i, block) for i, block in sweep if block]
+    size = checks.grid_size((flat for _, flat in sweep), len(top.suite.seeds))
+    if grid := checks.grid_problem(size, max_trials):
+        problems.append(grid)
+    if grid is None:
+        grid_check = _Grid(repaired.raw, check, lenient=bool(problems))
+        trials = grid_check.expand(top.suite.seeds, sweep)
+        problems += [m for m in grid_check.problems if m not in problems]
+    if problems:
+        raise SuiteError([f"{path}: {m}" for m in problems])
+    return Suite(path=path, text=text, meta=top.suite, baseline=trials[0], trials=trials)
+
+
+def _toml(text: str, path: str, device: str | None) -> dict[str, Any]:
+    """The TOML document (nesting checked), with the `--device` override applied."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError([f"{path}: invalid TOML: {exc}"]) from None
+    except RecursionError:
+        raise SuiteError([f"{path}: invalid TOML: nested too deeply"]) from None
+    if (depth := checks.nesting_depth(raw)) > checks.MAX_DEPTH:
+        raise SuiteError(
+            [f"{path}: tables or lists nested {depth}+ levels deep (at most {checks.MAX_DEPTH})"]
+        )
     if device is not None:
         if device not in ("auto", "cpu", "cuda"):
             raise SuiteError([f"--device must be one of auto, cpu, cuda; got {device!r}"])
         raw.setdefault("train", {})
         if isinstance(raw["train"], dict):
             raw["train"]["device"] = device
-    try:
-        top = SuiteFile.model_validate(raw)
-    except ValidationError as err:
-        raise SuiteError([f"{path}: {m}" for m in _messages(err)]) from None
+    return raw
 
-    problems: list[str] = []
-    baseline = _validated(raw, top.suite.seeds[0], {}, "baseline", problems, check)
-    for i, block in enumerate(top.sweep):
-        problems += _sweep_problems(i, block)
-    if problems or baseline is None:
-        raise SuiteError([f"{path}: {m}" for m in problems])
 
-    trials: list[TrialConfig] = []
-    seen: set[str] = set()
-    for where, combo in _combinations(top.sweep):
-        for seed in top.suite.seeds:
-            cfg = _validated(raw, seed, combo, where, problems, check)
-            if cfg is not None and (tid := trial_id(cfg)) not in seen:
-                seen.add(tid)
-                trials.append(cfg)
-    if problems:
-        raise SuiteError([f"{path}: {m}" for m in problems])
-    return Suite(path=path, text=text, meta=top.suite, baseline=baseline, trials=trials)
+class _Repaired(BaseModel):
+    """The document with every key the schema rejected removed (or a placeholder name)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    raw: dict[str, Any]
+    bad_blocks: set[int] = set()
+
+
+def _top_level(raw: dict[str, Any], problems: list[str]) -> tuple[SuiteFile, _Repaired]:
+    """The validated top level, and the document it was validated from. Schema problems are
+    appended to `problems` and their keys dropped, so the later passes still run (and rules
+    that pydantic checks only once every field is valid get their turn)."""
+    doc, bad_blocks = raw, set()
+    for _ in range(8):
+        try:
+            return SuiteFile.model_validate(doc), _Repaired(raw=doc, bad_blocks=bad_blocks)
+        except ValidationError as err:
+            problems += [m for m in checks.messages(err) if m not in problems]
+            doc, bad = checks.without(doc, err)
+            bad_blocks |= bad
+    raise SuiteError(problems)  # pragma: no cover - each round drops at least one key
 
 
 # --- grid expansion ----------------------------------------------------------------------------
 
+Block = dict[str, Any]  # a flattened sweep block: {"memory": [..], "train.lr": [..]}
 
-def _combinations(sweep: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+
+def _combinations(sweep: list[tuple[int, Block]]) -> Iterator[tuple[str, dict[str, Any]]]:
     """`(where, combo)` per grid cell: the baseline first (what `show` reports deltas against),
     then the cartesian product of each sweep block."""
-    out: list[tuple[str, dict[str, Any]]] = [("baseline", {})]
-    for i, block in enumerate(sweep):
-        flat = _flatten(block)
-        out += [
-            (f"sweep[{i}]", dict(zip(flat, values, strict=True)))
-            for values in itertools.product(*flat.values())
-        ]
-    return out
+    yield "baseline", {}
+    for i, flat in sweep:
+        for values in itertools.product(*flat.values()):
+            yield f"sweep[{i}]", dict(zip(flat, values, strict=True))
 
 
-def _flatten(block: dict[str, Any]) -> dict[str, Any]:
+def _flatten(block: Any) -> Any:
     """`{"train": {"lr": [..]}, "memory": [..]}` -> `{"train.lr": [..], "memory": [..]}`.
 
     Only section tables are flattened (one level): method keys such as `head_params` are
     tables of their own whose values are lists of tables.
     """
+    if not isinstance(block, dict):
+        return block
     flat = {}
     for key, value in block.items():
         if key in SECTIONS and isinstance(value, dict):
@@ -180,30 +233,67 @@ def _resolve(raw: dict[str, Any], seed: int, combo: dict[str, Any]) -> dict[str,
     return cfg
 
 
-def _validated(
-    raw: dict[str, Any], seed: int, combo: dict[str, Any], where: str, problems: list[str],
-    check: bool,
-) -> TrialConfig | None:  # fmt: skip
-    """The resolved config of one grid cell, or None with its problems appended (each once:
-    the same bad value repeats across the grid)."""
-    found: list[tuple[str, str]] = []
-    cfg = None
-    try:
-        cfg = TrialConfig.model_validate(_resolve(raw, seed, combo))
-    except ValidationError as err:
-        for e in err.errors(include_url=False):
-            loc = tuple(str(p) for p in e["loc"])
-            key = ".".join(loc[1:]) if loc[:1] == ("method",) else ".".join(loc)
-            found.append((key, e["msg"].removeprefix("Value error, ")))
-    if cfg is not None and check:
+class _Grid:
+    """Validates and expands the grid. Each combination is validated once (its other seeds are
+    copies: nothing in a config's validity depends on the seed), the library checks run once
+    per combination, the FAR checks once per data set, and each problem is reported once.
+
+    `lenient`: the document had schema problems and had keys dropped, so cross-field rules of
+    the schema may fire only because a default took a dropped key's place: those are skipped.
+    """
+
+    def __init__(self, raw: dict[str, Any], check: bool, lenient: bool):
+        self.raw, self.check, self.lenient = raw, check, lenient
+        self.problems: list[str] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._fars: dict[str, list[tuple[str, str]]] = {}
+
+    def expand(self, seeds: list[int], sweep: list[tuple[int, Block]]) -> list[TrialConfig]:
+        trials: list[TrialConfig] = []
+        seen: set[str] = set()
+        for where, combo in _combinations(sweep):
+            cfg = self._validated(seeds[0], combo, where)
+            if cfg is None:
+                continue
+            for seed in seeds:
+                t = cfg if seed == cfg.seed else cfg.model_copy(update={"seed": seed})
+                if (tid := trial_id(t)) not in seen:
+                    seen.add(tid)
+                    trials.append(t)
+        return trials
+
+    def _validated(self, seed: int, combo: dict[str, Any], where: str) -> TrialConfig | None:
+        """The resolved config of one grid cell, or None with its problems recorded."""
+        found: list[tuple[str, str]] = []
+        cfg = None
+        try:
+            cfg = TrialConfig.model_validate(_resolve(self.raw, seed, combo))
+        except ValidationError as err:
+            for e in err.errors(include_url=False):
+                loc = tuple(str(p) for p in e["loc"])
+                key = ".".join(loc[1:]) if loc[:1] == ("method",) else ".".join(loc)
+                if not (self.lenient and (not key or key in SECTIONS)):
+                    found.append((key, e["msg"].removeprefix("Value error, ")))
+            if not found:
+                return None
+        if cfg is not None and self.check:
+            found = self._library(cfg)
+        for key, msg in found:
+            if (key, msg) not in self._seen:  # the same bad value repeats across the grid
+                self._seen.add((key, msg))
+                self.problems.append(_located(where, combo, key, checks.hint_unknown(msg)))
+        return None if found else cfg
+
+    def _library(self, cfg: TrialConfig) -> list[tuple[str, str]]:
         from harness.build import check_trial  # torch and the library: only when checking
 
         found = check_trial(cfg)
-    for key, msg in found:
-        m = _located(where, combo, key, msg)
-        if m not in problems:
-            problems.append(m)
-    return None if found else cfg
+        if not found:
+            data = json.dumps([cfg.data.model_dump(mode="json"), cfg.eval.far], sort_keys=True)
+            if data not in self._fars:
+                self._fars[data] = checks.far_problems(cfg)
+            found = self._fars[data]
+        return found
 
 
 def _located(where: str, combo: dict[str, Any], key: str, msg: str) -> str:
@@ -216,45 +306,3 @@ def _located(where: str, combo: dict[str, Any], key: str, msg: str) -> str:
         return f"{key}: {msg}" if key.partition(".")[0] in SECTIONS else f"{where}.{key}: {msg}"
     values = ", ".join(f"{k}={v!r}" for k, v in combo.items())
     return f"{where} combination ({values}): {msg}"
-
-
-# --- messages ----------------------------------------------------------------------------------
-
-
-def _messages(err: ValidationError, prefix: str = "") -> list[str]:
-    """One line per pydantic error: `key.path: message (got value)`."""
-    out = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(str(p) for p in e["loc"])
-        path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e['input']!r})"
-        out.append(f"{path or '<top level>'}: {msg}{got}")
-    return out
-
-
-def _sweep_problems(i: int, block: Any) -> list[str]:
-    """Shape checks of sweep block `i`: known keys, non-empty lists of values."""
-    where = f"sweep[{i}]"
-    if not isinstance(block, dict) or not block:
-        return [f"{where}: must be a non-empty table of key = [values]"]
-    problems = []
-    for key, values in _flatten(block).items():
-        section, _, sub = key.partition(".")
-        if sub:
-            if section not in SECTIONS:
-                problems.append(
-                    f"{where}.{key}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}"
-                )
-                continue
-        elif key not in MethodCfg.model_fields:
-            problems.append(
-                f"{where}.{key}: unknown key; allowed: {', '.join(MethodCfg.model_fields)} "
-                f"or section.key for sections {', '.join(SECTIONS)}"
-            )
-            continue
-        if not isinstance(values, list) or not values:
-            problems.append(f"{where}.{key}: must be a non-empty list of values (got {values!r})")
-    return problems
