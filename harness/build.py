@@ -8,19 +8,25 @@ before anything runs. Three kinds of step (`build_step`):
 - metric, PLB:    loss = PseudoLargeBatch(model, obj, chunk=train.batch, mode)(x, y)
                   (PLB calls the objective's hooks itself, once per step with all N embeddings)
 - head:           loss = head.loss(model(x), y)   (classification with a margin head)
+
+The backbone forward runs under the trial's autocast (`harness.recipe.Precision`); losses,
+mining and margins are computed on float32 embeddings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.config import TrialConfig
 from harness.data import DATA_KINDS, IvSData, build_data, validate_data
 from harness.models import MODELS, build_model
+from harness.recipe import Precision
 from mining.heads import HEADS
 from mining.losses import LOSSES
 from mining.miners import MINERS
@@ -76,27 +82,39 @@ def head(cfg: TrialConfig, num_classes: int, train_labels: Tensor | None = None)
 
 
 def build_step(
-    cfg: TrialConfig, backbone: nn.Module, ivs: IvSData, device: torch.device
+    cfg: TrialConfig,
+    backbone: nn.Module,
+    ivs: IvSData,
+    device: torch.device,
+    precision: Precision | None = None,
 ) -> tuple[StepFn, list[nn.Parameter], Any]:
     """The step function, the parameters to optimise, and the objective or head it trains
-    (the stateful part a checkpoint must hold)."""
+    (the stateful part a checkpoint must hold). The backbone runs under `precision`'s
+    autocast; embeddings are cast to float32 before the loss; backward goes through its
+    scaler (fp16)."""
+    prec = precision or Precision(None, None)
+
+    def embed(x: Tensor) -> Tensor:
+        with prec.autocast(device):
+            return backbone(x).float()
+
     if cfg.method.head:
         h = head(cfg, ivs.num_classes, ivs.train.labels).to(device)
 
         def head_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-            loss = (
-                h.loss(backbone(x), y)
-                if hasattr(h, "loss")
-                else torch.nn.functional.cross_entropy(h(backbone(x), y), y)
-            )  # TEMP
-            loss.backward()
+            emb = embed(x)
+            loss = h.loss(emb, y) if hasattr(h, "loss") else F.cross_entropy(h(emb, y), y)  # TEMP
+            prec.backward(loss)
             return loss.detach(), {}
 
         return head_step, [*backbone.parameters(), *h.parameters()], h
 
     obj = MetricObjective(**objective_kwargs(cfg))
     if cfg.method.plb != "off":
-        plb = PseudoLargeBatch(backbone, obj, chunk_size=cfg.train.batch, mode=cfg.method.plb)
+        plb = PseudoLargeBatch(
+            backbone, obj, chunk_size=cfg.train.batch, mode=cfg.method.plb,
+            autocast_dtype=prec.dtype, scaler=prec.scaler,
+        )  # fmt: skip
 
         def plb_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
             return plb(x, y).detach(), dict(obj.last_stats)
@@ -104,10 +122,10 @@ def build_step(
         return plb_step, list(backbone.parameters()), obj
 
     def metric_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        emb = backbone(x)
+        emb = embed(x)
         obj.before_loss(emb.detach(), y)
         loss = obj(emb, y)
-        loss.backward()
+        prec.backward(loss)
         obj.after_loss(emb.detach(), y)
         return loss.detach(), dict(obj.last_stats)
 
@@ -160,6 +178,8 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
         problems += _attempt(
             "objective_params", "objective", lambda: MetricObjective(**objective_kwargs(cfg))
         )
+    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
+        problems.append(("model.init", f"no such file: {cfg.model.init}"))
     data_cfg = {"kind": cfg.data.kind, **cfg.data.params()}
     problems += _attempt("data", "data", validate_data, data_cfg)
     return problems

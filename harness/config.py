@@ -25,7 +25,14 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 SUITE_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 PLB_MODES = ("off", "exact", "select", "chunk_loss")
@@ -82,8 +89,13 @@ class SuiteMeta(_Strict):
     name: str = Field(
         max_length=MAX_NAME, description="[a-z0-9_-]+; becomes the results directory name"
     )
-    seeds: list[int] = Field(default=[0], min_length=1, max_length=1000)
-    description: str = ""
+    seeds: list[int] = Field(
+        default=[0],
+        min_length=1,
+        max_length=1000,
+        description="one trial per seed and grid cell; show reports mean ± 95% CI over seeds",
+    )
+    description: str = Field(default="", description="free text, kept in run.json")
     timeout_s: float | None = Field(
         default=600.0,
         gt=0,
@@ -116,38 +128,111 @@ class SuiteMeta(_Strict):
 class DataCfg(_Open):
     """`kind` plus free parameters for `harness.data.build_data`."""
 
-    kind: str = "synthetic_ivs"
+    kind: str = Field(default="synthetic_ivs", description="data kind (keys: see below)")
 
 
 class ModelCfg(_Open):
     """`kind`, `embedding` plus free parameters for `harness.models.build_model`."""
 
-    kind: str = "mlp"
-    embedding: int = Field(default=128, ge=2, le=65536)
+    kind: str = Field(default="mlp", description="backbone (parameters: see below)")
+    embedding: int = Field(default=128, ge=2, le=65536, description="embedding dimension d")
+    init: str | None = Field(
+        default=None,
+        description="pretrained weights: a state_dict .pt file or a hembench checkpoint/model.pt",
+    )
+    init_ignore: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns of state_dict keys not loaded from `init` (e.g. 'fc.*')",
+    )
+
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "poly")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class TrainCfg(_Strict):
-    steps: int = Field(default=100, ge=1, le=10_000_000)
-    batch: int = Field(default=128, ge=2, le=1_000_000, description="even: P identities × 2")
-    lr: float = Field(default=0.1, gt=0, le=100)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=5e-4, ge=0, le=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    steps: int = Field(default=100, ge=1, le=10_000_000, description="optimisation steps")
+    samples_per_identity: int = Field(
+        default=2, ge=2, le=1024, description="K photos per identity in a batch (2: the IvS pair)"
+    )
+    batch: int = Field(
+        default=128, ge=2, le=1_000_000, description="P identities × samples_per_identity"
+    )
+    # optimiser and schedule (harness/recipe.py)
+    optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="optimiser")
+    lr: float = Field(default=0.1, gt=0, le=100, description="peak learning rate")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(default=5e-4, ge=0, le=1, description="L2 weight decay")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adamw only")
+    schedule: Literal["constant", "step", "cosine", "poly"] = Field(
+        default="constant", description="learning-rate schedule after the warm-up"
+    )
+    lr_warmup: int = Field(default=0, ge=0, description="linear warm-up steps from lr/warmup")
+    milestones: list[int] = Field(default_factory=list, description="step: decay at these steps")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="step: factor per milestone")
+    poly_power: float = Field(default=2.0, gt=0, le=10, description="poly: (1 − t/T)^power")
+    # numerics and speed
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="autocast dtype of the backbone (fp16: CUDA, GradScaler)"
+    )
+    channels_last: bool = Field(default=False, description="channels_last memory format (CNNs)")
+    compile: bool = Field(default=False, description="torch.compile the backbone")
+    # checkpoints
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="checkpoint every N steps (0 = never); --resume continues"
+    )
+    save_model: bool = Field(default=True, description="write model.pt at the end of the trial")
+    # execution
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto = cuda when available (--device overrides)"
+    )
     warmup_steps: int = Field(default=2, ge=0, description="steps excluded from throughput")
     log_every: int = Field(default=1, ge=1, description="curve row every N steps")
-    nvml_interval_s: float = Field(default=0.05, gt=0, le=10)
-    threads: int = Field(default=0, ge=0, le=1024, description="CPU threads (0 = torch default)")
+    nvml_interval_s: float = Field(
+        default=0.05, gt=0, le=10, description="GPU memory (NVML) sampling interval in seconds"
+    )
+    threads: int = Field(
+        default=0, ge=0, le=1024, description="CPU threads (0 = cores / concurrent trials)"
+    )
+    workers: int = Field(default=0, ge=0, le=64, description="data loader worker processes")
 
     @field_validator("batch")
     @classmethod
-    def _even(cls, v: int) -> int:
-        if v % 2:
-            raise ValueError(f"batch must be even (identities × 2 photos); got {v}")
+    def _whole_identities(cls, v: int, info: ValidationInfo) -> int:
+        k = info.data.get("samples_per_identity", 2)  # declared first, so validated first
+        if v % k:
+            raise ValueError(
+                f"batch must be a multiple of samples_per_identity = {k} (P identities × {k} "
+                f"photos); got {v}"
+            )
         return v
+
+    @model_validator(mode="after")
+    def _recipe(self) -> TrainCfg:
+        problems = []
+        late = [m for m in self.milestones if not 0 < m < self.steps]
+        if late:
+            problems.append(f"milestones {late} must lie in (0, steps={self.steps})")
+        if self.milestones != sorted(set(self.milestones)):
+            problems.append(f"milestones must be increasing; got {self.milestones}")
+        if self.milestones and self.schedule != "step":
+            problems.append(f"milestones are used by schedule='step' only; got {self.schedule!r}")
+        if self.lr_warmup >= self.steps:
+            problems.append(f"lr_warmup={self.lr_warmup} must be < steps={self.steps}")
+        if self.precision == "fp16" and self.device == "cpu":
+            problems.append("precision='fp16' needs CUDA (use 'bf16' on CPU)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class EvalCfg(_Strict):
-    far: list[float] = Field(default=[1e-1, 1e-2, 1e-3], min_length=1)
+    far: list[float] = Field(
+        default=[1e-1, 1e-2, 1e-3],
+        min_length=1,
+        description="FARs of the TAR@FAR columns, in (0, 1); FAR f needs ≥ 1/f impostor pairs",
+    )
 
     @field_validator("far")
     @classmethod
@@ -173,19 +258,42 @@ class MethodCfg(_Strict):
     - `head`: a margin-head name switches the trial to classification (miner/loss unused).
     """
 
-    miner: str = "batch_hard"
-    loss: str = "triplet"
-    margin: float = Field(default=0.2, ge=0, le=4)
-    memory: int = Field(default=0, ge=0, le=100_000_000)
-    memory_weight: float = Field(default=1.0, ge=0, le=100)
+    miner: str = Field(default="batch_hard", description="hard-example miner (mining.MINERS)")
+    loss: str = Field(default="triplet", description="metric loss (mining.LOSSES)")
+    margin: float = Field(default=0.2, ge=0, le=4, description="margin of the metric loss")
+    memory: int = Field(
+        default=0,
+        ge=0,
+        le=100_000_000,
+        description="CB-HEM memory size M in samples (0 = in-batch)",
+    )
+    memory_weight: float = Field(
+        default=1.0, ge=0, le=100, description="w in loss = L_batch + w·L_memory"
+    )
     memory_warmup: int = Field(default=0, ge=0, description="steps before the memory is mined")
-    enqueue: Literal["before", "after"] = "after"
-    in_batch: bool = True
-    plb: Literal["off", "exact", "select", "chunk_loss"] = "off"
-    virtual_batch: int | None = Field(default=None, ge=2, le=10_000_000)
-    head: str | None = None
-    head_params: dict[str, Scalar] = Field(default_factory=dict)
-    objective_params: dict[str, Scalar] = Field(default_factory=dict)
+    enqueue: Literal["before", "after"] = Field(
+        default="after", description="enqueue the batch into the memory before or after the loss"
+    )
+    in_batch: bool = Field(default=True, description="also mine negatives within the batch")
+    plb: Literal["off", "exact", "select", "chunk_loss"] = Field(
+        default="off", description="pseudo large batch mode (chunks of train.batch)"
+    )
+    virtual_batch: int | None = Field(
+        default=None,
+        ge=2,
+        le=10_000_000,
+        description="PLB virtual batch N, a multiple of train.batch (unset: N = batch)",
+    )
+    head: str | None = Field(
+        default=None, description="margin head (mining.HEADS); set: classification"
+    )
+    head_params: dict[str, Scalar] = Field(
+        default_factory=dict, description="keyword parameters of the head, e.g. {s = 64.0}"
+    )
+    objective_params: dict[str, Scalar] = Field(
+        default_factory=dict,
+        description="extra keyword arguments of mining.MetricObjective",
+    )
 
 
 class TrialConfig(_Strict):
@@ -232,7 +340,11 @@ class TrialConfig(_Strict):
             if m.memory:
                 problems.append(f"head={m.head!r} (classification) needs memory=0; got {m.memory}")
             if m.plb != "off":
-                problems.append(f"head={m.head!r} (classification) needs plb='off'; got {m.plb!r}")
+                problems.append(
+                    f"head={m.head!r} needs plb='off'; got {m.plb!r}: a margin head's loss is a "
+                    "sum over samples, so a large batch brings no harder negatives — PLB would only "
+                    "accumulate gradients (raise train.batch instead)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -119,7 +119,8 @@ _MEASURED = {
     "nvml_peak_mib": pl.Float64, "nvml_process_peak_mib": pl.Float64, "nvml_samples": pl.Int64,
     "peak_rss_mib": pl.Float64, "eer": pl.Float64, "auc": pl.Float64,
     "collapsed": pl.Boolean, "memory_share": pl.Float64, "neg_age": pl.Float64,
-    "drift": pl.Float64, "final_loss": pl.Float64,
+    "drift": pl.Float64, "final_loss": pl.Float64, "resumed_from_step": pl.Int64,
+    "checkpoint_s": pl.Float64, "checkpoint_bytes": pl.Int64, "init_sha256": pl.String,
 }  # fmt: skip
 _ENV = {"device": pl.String, "gpu_name": pl.String, "host": pl.String, "git_commit": pl.String}
 
@@ -243,7 +244,8 @@ _NOT_PARAMS = {
     "data.kind", "model.kind", "model.embedding", "train.steps", "train.batch", "train.lr",
     "train.device", "train.log_every", "train.nvml_interval_s", "train.threads",
     "method.miner", "method.loss", "method.margin", "method.memory", "method.memory_weight",
-    "method.plb", "method.virtual_batch", "method.head",
+    "method.plb", "method.virtual_batch", "method.head", "train.checkpoint_every",
+    "train.save_model", "train.workers",
 }  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The training loop of a trial: one optimisation step per virtual batch, timed and logged.
 
-Each step draws N = virtual_batch samples = N/2 identities × (ID photo, spot photo) and calls the
-step function of `harness.build.build_step`. Only the step itself is timed (`StepTimer`); the
+Each step draws N = virtual_batch samples = N/K identities × K photos (K =
+`train.samples_per_identity`, 2 = the ID photo and a spot photo) and calls the step function
+of `harness.build.build_step`. Only the step itself is timed (`StepTimer`); the
 drift probe and logging are outside it.
 
 Staleness, logged every `train.log_every` steps:
@@ -14,69 +15,35 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from harness.build import build_step
+from harness.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from harness.config import TrialConfig
 from harness.data import IvSData, PairBatchSampler
 from harness.measure import StepTimer
-from harness.records import CURVE_COLUMNS, NonFiniteLoss
+from harness.recipe import Precision, make_optimizer, make_scheduler
+from harness.records import CURVE_COLUMNS, NonFiniteLoss, config_key
 
 # curve columns summarised over the last steps into the trial's row
 _SUMMARISED = ("memory_share", "neg_age", "drift")
 
 
 def endless_batches(
-    labels: torch.Tensor, domain: torch.Tensor, n: int, gen: torch.Generator
+    labels: torch.Tensor, domain: torch.Tensor, n: int, gen: torch.Generator, k: int = 2
 ) -> Iterator[torch.Tensor]:
-    """Index batches of `n` samples (n/2 identities × 2 photos, ID photo first), epoch after
+    """Index batches of `n` samples (n/k identities × k photos, ID photo first), epoch after
     epoch."""
-    sampler = PairBatchSampler(labels, n, gen, k=2, domain=domain)
+    sampler = PairBatchSampler(labels, n, gen, k=k, domain=domain)
     while True:
         yield from sampler
-
-
-class MomentumSGD:
-    """SGD with momentum and L2 weight decay, the update of `torch.optim.SGD` (dampening 0,
-    no Nesterov):
-
-        g = ∇p + wd·p;   b = g (first step) else μ·b + g;   p ← p − lr·b
-
-    Why not `torch.optim.SGD`: constructing any torch optimizer imports `torch._dynamo`
-    (1.5–4 s of CPU), paid again in every spawned trial process; on a 2-core CI machine that
-    dominates a short trial. Checked against `torch.optim.SGD` in tests/test_run_train.py.
-    """
-
-    def __init__(
-        self, params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
-    ):
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            g = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
-            if self.momentum:
-                buf = self.buffers[i]
-                if buf is None:
-                    buf = self.buffers[i] = g.clone()
-                else:
-                    buf.mul_(self.momentum).add_(g)
-                g = buf
-            p.add_(g, alpha=-self.lr)
 
 
 class DriftProbe:
@@ -102,6 +69,13 @@ class DriftProbe:
         if len(self.history) == 1:
             return None
         return 1 - F.cosine_similarity(self.history[-1], self.history[0], dim=1).mean().item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [h.cpu() for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.clear()
+        self.history.extend(h.to(self.probe_x.device) for h in state["history"])
 
 
 class Injector:
@@ -129,6 +103,166 @@ class Injector:
 PROBE_SIZE = 64
 
 
+class Trainer:
+    """One trial's training loop, phase by phase: `resume` (from the newest checkpoint),
+    `step` (one optimisation step, the only timed part), `log` (a curve row), `checkpoint`,
+    `finish` (save the model, summarise).
+
+    The optimiser and schedule come from `harness.recipe`; the step function (metric objective,
+    PLB or margin head) from `harness.build.build_step`. Checkpoints hold everything the
+    remaining steps depend on — model, objective or head (CB-HEM memory with ages), optimiser,
+    schedule, scaler, drift-probe history, RNG state and the curves so far — so that on CPU a
+    resumed trial's curves and final metrics equal an uninterrupted run's exactly.
+    """
+
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        model: torch.nn.Module,
+        data: IvSData,
+        device: torch.device,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        deadline_check: Callable[[], None] = lambda: None,
+        workdir: Path | None = None,
+    ):
+        self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.progress, self.workdir = progress, workdir
+        tr, self.n = cfg.train, cfg.virtual_batch
+        self.precision = Precision.of(tr, device)
+        self.step_fn, params, self.stateful = build_step(cfg, model, data, device, self.precision)
+        self.optimizer = make_optimizer(tr, params)
+        self.scheduler = make_scheduler(tr, self.optimizer)
+        self.probe = DriftProbe(data.train.x[:PROBE_SIZE].to(device), cfg.method.memory, self.n,
+                                tr.log_every)  # fmt: skip
+        self.timer = StepTimer(device)
+        self.injector = Injector(cfg.debug.inject, cfg.debug.inject_step, deadline_check)
+        self.deadline_check = deadline_check
+        self.curves: dict[str, list[Any]] = {k: [] for k in CURVE_COLUMNS}
+        self.start = 0
+        self.info: dict[str, Any] = {"resumed_from_step": None, "checkpoint_s": 0.0,
+                                     "checkpoint_bytes": None}  # fmt: skip
+
+    def run(self) -> tuple[dict[str, Any], dict[str, list[Any]], StepTimer]:
+        """Train for `train.steps` steps; returns (summary, curves, timer).
+
+        summary: steps, final_loss, memory_share, neg_age, drift (means over the last 10% of
+        the logged steps, at least one), resumed_from_step, checkpoint_s, checkpoint_bytes.
+        Raises `NonFiniteLoss` on a NaN/inf loss and `TrialTimeout` past the deadline.
+        """
+        self.resume()
+        batches = self.batches()
+        self.model.train()
+        for step in range(self.start, self.cfg.train.steps):
+            self.deadline_check()
+            self.injector.before_step(step)
+            x, y = next(batches)
+            loss, stats = self.step(step, x, y)
+            self.log(step, loss, stats)
+            self.checkpoint(step)
+        return self.finish(), self.curves, self.timer
+
+    # --- phases ---------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) on the device, batch after batch from `self.start` on (a resumed trial skips
+        the index batches it already trained on: the sampler is seeded, so they are the same)."""
+        split = self.data.train
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        indices = endless_batches(split.labels, split.domain, self.n, gen,
+                                  self.cfg.train.samples_per_identity)  # fmt: skip
+        for _ in range(self.start):
+            next(indices)
+        for idx in indices:
+            x, y = split.x[idx], split.labels[idx]
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimisation step on the virtual batch (x, y); timed."""
+        with self.timer.step():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, stats = self.step_fn(x, y)
+            loss = self.injector.poison(step, loss)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+            self.precision.step(self.optimizer)
+            self.scheduler.step()
+        return loss, stats
+
+    def log(self, step: int, loss: torch.Tensor, stats: dict[str, float]) -> None:
+        """A curve row every `train.log_every` steps and at the last step."""
+        tr = self.cfg.train
+        if step % tr.log_every and step != tr.steps - 1:
+            return
+        rate = self.n / self.timer.durations[-1]
+        point = {
+            "step": step,
+            "loss": loss.item(),
+            "samples_per_s": rate,
+            "memory_share": stats.get("memory_share"),
+            "neg_age": stats.get("neg_age"),
+            "drift": self.probe(self.model),
+        }
+        for k, v in point.items():
+            self.curves[k].append(v)
+        if self.progress is not None:
+            self.progress({"step": step, "loss": point["loss"], "samples_per_s": rate})
+
+    def checkpoint(self, step: int) -> None:
+        """Every `train.checkpoint_every` steps (not after the last: the row is written then)."""
+        every, done = self.cfg.train.checkpoint_every, step + 1
+        if not every or self.workdir is None or done % every or done == self.cfg.train.steps:
+            return
+        t0 = time.perf_counter()
+        self.info["checkpoint_bytes"] = save_checkpoint(self.workdir, done, self.state(done))
+        self.info["checkpoint_s"] += time.perf_counter() - t0
+
+    def finish(self) -> dict[str, Any]:
+        if self.workdir is not None and self.cfg.train.save_model:
+            save_model(self.workdir, self.model)
+        tail = max(1, len(self.curves["step"]) // 10)
+        summary = {"steps": self.cfg.train.steps, "final_loss": _mean(self.curves["loss"][-tail:])}
+        summary.update({k: _mean(self.curves[k][-tail:]) for k in _SUMMARISED})
+        return summary | self.info
+
+    # --- checkpoint state -----------------------------------------------------------------
+
+    def state(self, done: int) -> dict[str, Any]:
+        """Everything the remaining steps depend on, after `done` completed steps."""
+        scaler = self.precision.scaler
+        return {
+            "config_key": config_key(self.cfg),
+            "step": done,
+            "model": self.model.state_dict(),
+            "stateful": self.stateful.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "probe": self.probe.state_dict(),
+            "rng": torch.get_rng_state(),
+            "curves": {k: list(v) for k, v in self.curves.items()},
+        }
+
+    def resume(self) -> None:
+        """Continue from the newest valid checkpoint of this configuration, if any."""
+        state, note = latest_checkpoint(self.workdir, config_key(self.cfg))
+        if note:
+            warnings.warn(f"{self.workdir}: {note}", stacklevel=2)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.stateful.load_state_dict(state["stateful"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None and state["scaler"] is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.probe.load_state_dict(state["probe"])
+        torch.set_rng_state(state["rng"])
+        self.curves = {k: list(state["curves"][k]) for k in CURVE_COLUMNS}
+        self.start = self.info["resumed_from_step"] = int(state["step"])
+
+
 def train(
     cfg: TrialConfig,
     model: torch.nn.Module,
@@ -136,53 +270,10 @@ def train(
     device: torch.device,
     progress: Callable[[dict[str, Any]], None] | None,
     deadline_check: Callable[[], None],
+    workdir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Any]], StepTimer]:
-    """Train `model` for `train.steps` steps; returns (summary, curves, timer).
-
-    summary: steps, final_loss, memory_share, neg_age, drift (means over the last 10% of the
-    logged steps, at least one). curves: `CURVE_COLUMNS` lists of equal length.
-    Raises `NonFiniteLoss` on a NaN/inf loss and `TrialTimeout` past the deadline.
-    """
-    tr, n = cfg.train, cfg.virtual_batch
-    x_all, y_all = data.train.x, data.train.labels
-    batches = endless_batches(y_all, data.train.domain, n, torch.Generator().manual_seed(cfg.seed))
-    step_fn, params, _ = build_step(cfg, model, data, device)
-    opt = MomentumSGD(params, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay)
-    probe = DriftProbe(x_all[:PROBE_SIZE].to(device), cfg.method.memory, n, tr.log_every)
-    timer = StepTimer(device)
-    injector = Injector(cfg.debug.inject, cfg.debug.inject_step, deadline_check)
-    curves: dict[str, list[Any]] = {k: [] for k in CURVE_COLUMNS}
-    model.train()
-    for step in range(tr.steps):
-        deadline_check()
-        injector.before_step(step)
-        idx = next(batches)
-        x, y = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
-        with timer.step():
-            opt.zero_grad()
-            loss, stats = step_fn(x, y)
-            loss = injector.poison(step, loss)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
-            opt.step()
-        if step % tr.log_every == 0 or step == tr.steps - 1:
-            rate = n / timer.durations[-1]
-            point = {
-                "step": step,
-                "loss": loss.item(),
-                "samples_per_s": rate,
-                "memory_share": stats.get("memory_share"),
-                "neg_age": stats.get("neg_age"),
-                "drift": probe(model),
-            }
-            for k, v in point.items():
-                curves[k].append(v)
-            if progress is not None:
-                progress({"step": step, "loss": point["loss"], "samples_per_s": rate})
-    tail = max(1, len(curves["step"]) // 10)
-    summary = {"steps": tr.steps, "final_loss": _mean(curves["loss"][-tail:])}
-    summary.update({k: _mean(curves[k][-tail:]) for k in _SUMMARISED})
-    return summary, curves, timer
+    """`Trainer(...).run()`: train `model` for `train.steps` steps (see `Trainer`)."""
+    return Trainer(cfg, model, data, device, progress, deadline_check, workdir).run()
 
 
 def _mean(values: list[float | None]) -> float | None:

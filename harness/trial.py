@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import build, measure
+from harness.checkpoint import load_init
 from harness.config import TrialConfig
 from harness.data import IvSData
 from harness.metrics import ivs_verification
@@ -127,13 +128,15 @@ def _run(
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     data = build.data(cfg)
-    model = build.model(cfg, data).to(device)
+    model = build.model(cfg, data)
+    init_sha = load_init(model, cfg.model.init, cfg.model.init_ignore) if cfg.model.init else None
+    model = _placed(model.to(device), cfg)
 
     measure.reset_allocator_peaks(device)
     nvml = measure.NvmlSampler(device.index or 0, cfg.train.nvml_interval_s)
     t0 = time.perf_counter()
     with nvml if device.type == "cuda" else contextlib.nullcontext():
-        summary, curves, timer = train(cfg, model, data, device, progress, deadline_check)
+        summary, curves, timer = train(cfg, model, data, device, progress, deadline_check, workdir)
         measure.synchronize(device)
     out: dict[str, Any] = {
         **summary,
@@ -142,6 +145,7 @@ def _run(
         **measure.allocator_peaks(device),
         **nvml.result(),
         "peak_rss_mib": measure.peak_rss_mib(),
+        "init_sha256": init_sha,
         "device": str(device),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
@@ -156,6 +160,13 @@ def _run(
         symmetric=data.test_symmetric,
     )
     return out, curves
+
+
+def _placed(model: torch.nn.Module, cfg: TrialConfig) -> torch.nn.Module:
+    """`train.channels_last` and `train.compile` applied to the backbone on its device."""
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.train.compile else model
 
 
 @torch.no_grad()
