@@ -105,6 +105,56 @@ def hsm_row(row, y, margin, s, pseudo, saturation, tau, delta, m_p):
     return [*real, (1 - m_p) if sat else None], sat
 
 
+def curricularface_row(row, y, m, t):
+    """CurricularFace with the (already updated) curriculum t: the modified row."""
+    threshold = math.cos(math.acos(row[y]) + m)
+    out = [c * (t + c) if (j != y and c > threshold) else c for j, c in enumerate(row)]
+    out[y] = arcface_target(row[y], m)
+    return out
+
+
+def ema(old, value, momentum):
+    """Exponential moving average: momentum · value + (1 − momentum) · old."""
+    return momentum * value + (1 - momentum) * old
+
+
+def norms_of(emb) -> list[float]:
+    """‖e_i‖ by scalar loops."""
+    return [math.sqrt(sum(x * x for x in row)) for row in np.asarray(emb, dtype=np.float64)]
+
+
+def adaface_row(row, y, norm, mean, std, m, h):
+    """AdaFace with the (already updated) norm statistics: the modified row."""
+    eps = 1e-3
+    a = min(max(norm, 0.001), 100.0)
+    z = min(max(h * (a - mean) / (std + eps), -1.0), 1.0)
+    g_angle, g_add = -m * z, m * z + m
+    theta = min(max(math.acos(row[y]) + g_angle, eps), math.pi - eps)
+    out = list(row)
+    out[y] = math.cos(theta) - g_add
+    return out
+
+
+def adaface_stats(norms, mean, std, t_alpha):
+    """AdaFace's running mean and (unbiased) std of the clipped norms after one batch."""
+    a = [min(max(n, 0.001), 100.0) for n in norms]
+    mu = sum(a) / len(a)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in a) / (len(a) - 1))
+    return ema(mean, mu, t_alpha), ema(std, sd, t_alpha)
+
+
+def magface_margin(norm, l_a, u_a, l_m, u_m):
+    """m(a) for a = clamp(norm, l_a, u_a): linear from l_m at l_a to u_m at u_a."""
+    a = min(max(norm, l_a), u_a)
+    return l_m + (u_m - l_m) * (a - l_a) / (u_a - l_a)
+
+
+def magface_regularizer(norms, l_a, u_a, lambda_g):
+    """λ_g · mean g(a), g(a) = 1/a + a/u_a², a = clamp(norm, l_a, u_a)."""
+    a = [min(max(n, l_a), u_a) for n in norms]
+    return lambda_g * sum(1 / x + x / u_a**2 for x in a) / len(a)
+
+
 def tukey_reference(values, k) -> np.ndarray:
     """UNPG outlier removal: quartiles by sorted index, inclusive fences; ascending order."""
     v = np.sort(np.asarray(values, dtype=np.float64))
@@ -145,6 +195,10 @@ HEAD_DEFAULTS = {
         "delta": 0.3,
         "m_p": 0.2,
     },
+    # the state before the batch is a parameter of the reference: t, the norm statistics
+    "curricularface": {"m": 0.5, "momentum": 0.01, "t": 0.0},
+    "adaface": {"m": 0.4, "h": 0.333, "t_alpha": 0.01, "batch_mean": 20.0, "batch_std": 100.0},
+    "magface": {"l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8},
 }
 
 
@@ -152,14 +206,27 @@ def ref_logits(name, emb, weight, labels, s=64.0, interclass_filter=None, **para
     """Reference logits (B, C') as nested lists of floats (None = masked virtual column).
 
     ``name`` is a cosine head; ``params`` override HEAD_DEFAULTS[name]. For "hsm" pass
-    ``class_counts``. UNPG is composed in the tests from this and `tukey_reference`.
+    ``class_counts``. The stateful heads (curricularface, adaface) update their state from
+    this batch first, as in training mode. UNPG is composed in the tests from this and
+    `tukey_reference`.
     """
     p = {**HEAD_DEFAULTS[name], **params}
     labels = [int(y) for y in labels]
     cos = ref_filter(ref_cosines(emb, weight), labels, interclass_filter)
+    norms = norms_of(emb)
     margins = hsm_class_margins(p.pop("class_counts"), p["m_max"]) if name == "hsm" else None
+    if name == "curricularface":
+        t = ema(
+            p["t"],
+            sum(row[y] for row, y in zip(cos, labels, strict=True)) / len(cos),
+            p["momentum"],
+        )
+    if name == "adaface" and len(norms) > 1:
+        p["batch_mean"], p["batch_std"] = adaface_stats(
+            norms, p["batch_mean"], p["batch_std"], p["t_alpha"]
+        )
     out = []
-    for row, y in zip(cos, labels, strict=True):
+    for i, (row, y) in enumerate(zip(cos, labels, strict=True)):
         row = list(row)
         if name == "cosface":
             row[y] -= p["m"]
@@ -172,6 +239,12 @@ def ref_logits(name, emb, weight, labels, s=64.0, interclass_filter=None, **para
         elif name == "hsm":
             hsm = {k: v for k, v in p.items() if k != "m_max"}
             row = hsm_row(row, y, margins[y], s, **hsm)[0]
+        elif name == "curricularface":
+            row = curricularface_row(row, y, p["m"], t)
+        elif name == "adaface":
+            row = adaface_row(row, y, norms[i], p["batch_mean"], p["batch_std"], p["m"], p["h"])
+        elif name == "magface":
+            row[y] = arcface_target(row[y], magface_margin(norms[i], **p))
         out.append([None if c is None else s * c for c in row])
     return out
 
@@ -222,3 +295,28 @@ def test_reference_tukey_by_hand():
     assert negative_pairs_reference([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [0, 0, 1]) == (
         pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
     )
+
+
+def test_reference_curricularface_by_hand():
+    # threshold cos(acos(0.6) + 0.5) ≈ 0.1853: 0.7 and 0.3 are hard, 0.1 is not
+    row = curricularface_row([0.6, 0.7, 0.1, 0.3], 0, 0.5, 0.2)
+    assert row == pytest.approx([math.cos(math.acos(0.6) + 0.5), 0.7 * 0.9, 0.1, 0.3 * 0.5])
+    assert ema(0.0, 0.6, 0.01) == pytest.approx(0.006)
+
+
+def test_reference_adaface_by_hand():
+    # z = clip(1 · (3 − 2) / (0.999 + 0.001), −1, 1) = 1: g_angle = −0.4, g_add = 0.8
+    row = adaface_row([0.6, 0.1], 0, 3.0, 2.0, 0.999, 0.4, 1.0)
+    assert row == pytest.approx([math.cos(math.acos(0.6) - 0.4) - 0.8, 0.1])
+    # z = 0 (norm at the mean): an additive margin m alone
+    assert adaface_row([0.6, 0.1], 0, 2.0, 2.0, 1.0, 0.4, 1.0)[0] == pytest.approx(0.2)
+    mean, std = adaface_stats([1.0, 3.0], 20.0, 100.0, 0.5)
+    assert (mean, std) == pytest.approx((11.0, 50 + math.sqrt(2) / 2))
+
+
+def test_reference_magface_by_hand():
+    assert magface_margin(60.0, 10.0, 110.0, 0.45, 0.8) == pytest.approx(0.625)
+    assert magface_margin(5.0, 10.0, 110.0, 0.45, 0.8) == pytest.approx(0.45)  # clamped at l_a
+    assert magface_margin(500.0, 10.0, 110.0, 0.45, 0.8) == pytest.approx(0.8)
+    expected = 35 * ((1 / 60 + 60 / 110**2) + (1 / 110 + 110 / 110**2)) / 2
+    assert magface_regularizer([60.0, 200.0], 10.0, 110.0, 35.0) == pytest.approx(expected)

@@ -1,4 +1,4 @@
-"""Registry, parameter errors, numerical edge cases, HSM class counts and a training smoke test."""
+"""Registry and make_head errors, numerical edge cases, HSM class counts, `loss`, training smoke."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mining.heads import HEADS, UnknownHeadError
+from mining.heads import HEADS, make_head
 
 ALL_HEADS = list(HEADS)
 COUNTED = {"hsm": {"class_counts": [2, 2, 2, 2]}}  # heads that need more than (d, C)
@@ -22,21 +22,39 @@ def test_registry_holds_the_issue_heads():
         "npcface",
         "hsm",
         "unpg",
+        "curricularface",
+        "adaface",
+        "magface",
     }
+    assert type(HEADS) is dict
 
 
 def test_unknown_head_name_lists_valid_names():
-    with pytest.raises(ValueError, match="valid heads: softmax, cosine, cosface") as err:
-        HEADS["arcfce"]
-    assert isinstance(err.value, UnknownHeadError)
-    assert isinstance(err.value, KeyError)  # still a dict miss for `in` / .get() users
+    with pytest.raises(
+        ValueError, match="unknown head 'arcfce'; valid heads: softmax, cosine, cosface"
+    ):
+        make_head("arcfce", 4, 3)
     assert HEADS.get("arcfce") is None
+
+
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_make_head_builds_the_registered_class(name):
+    head = make_head(name, 3, 4, **COUNTED.get(name, {}))
+    assert type(head) is HEADS[name]
 
 
 @pytest.mark.parametrize("name", ALL_HEADS)
 def test_unknown_parameter_names_valid_ones(name):
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) margn; valid parameters: .*"):
-        HEADS[name](4, 3, margn=0.3, **COUNTED.get(name, {}))
+        make_head(name, 4, 3, margn=0.3, **COUNTED.get(name, {}))
+
+
+def test_unknown_parameter_message_lists_the_keyword_parameters():
+    with pytest.raises(
+        ValueError,
+        match=r"^arcface: unknown parameter\(s\) margn, x; valid parameters: m, s, interclass_filter$",
+    ):
+        make_head("arcface", 4, 3, x=1, margn=0.3)
 
 
 @pytest.mark.parametrize(
@@ -57,17 +75,25 @@ def test_unknown_parameter_names_valid_ones(name):
         ("unpg", {"k": -1}, r"k must be in \[0, inf\]"),
         ("unpg", {"base": "cosface", "m": 5}, r"unpg .*m must be in \[0, 2\]"),
         ("softmax", {"bias": "yes"}, "bias must be True or False"),
+        ("curricularface", {"m": -1}, r"m must be in \[0, 3.14159\)"),
+        ("curricularface", {"momentum": 2}, r"momentum must be in \[0, 1\]"),
+        ("adaface", {"h": -0.1}, r"h must be in \[0, inf\]"),
+        ("adaface", {"t_alpha": 1.5}, r"t_alpha must be in \[0, 1\]"),
+        ("magface", {"u_a": 5}, r"u_a must be in \(10, inf\)"),
+        ("magface", {"u_m": 0.1}, r"u_m must be in \[0.45, 3.14159\)"),
+        ("magface", {"lambda_g": -1}, r"lambda_g must be in \[0, inf\)"),
+        ("unpg", {"base": "magface", "l_a": 0}, r"unpg .*l_a must be in \(0, inf\)"),
     ],
 )
 def test_bad_parameter_values(name, params, message):
     with pytest.raises(ValueError, match=message):
-        HEADS[name](4, 3, **params)
+        make_head(name, 4, 3, **params)
 
 
 @pytest.mark.parametrize("bad", ["dim", "num"])
 def test_bad_sizes(bad):
     with pytest.raises(ValueError, match="must be a positive int"):
-        HEADS["arcface"](0 if bad == "dim" else 4, 0 if bad == "num" else 3)
+        make_head("arcface", 0 if bad == "dim" else 4, 0 if bad == "num" else 3)
 
 
 def test_bad_labels():
@@ -191,6 +217,11 @@ def test_hsm_without_counts_raises_and_counts_survive_state_dict():
         ("unpg", {"base": "arcface"}),
         ("unpg", {"base": "hsm"}),
         ("cosface", {"interclass_filter": 0.4}),
+        ("curricularface", {}),
+        ("adaface", {}),
+        ("magface", {}),
+        ("unpg", {"base": "magface"}),
+        ("unpg", {"base": "adaface"}),
     ],
 )
 def test_training_smoke_loss_decreases(name, params):
@@ -210,7 +241,7 @@ def test_training_smoke_loss_decreases(name, params):
     losses = []
     for step in range(30):
         batch = torch.randperm(len(labels), generator=gen)[:64] if step else torch.arange(64)
-        loss = F.cross_entropy(head(model(x[batch]), labels[batch]), labels[batch])
+        loss = head.loss(model(x[batch]), labels[batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -223,7 +254,7 @@ def test_training_smoke_loss_decreases(name, params):
 def test_inference_mode_gives_the_no_grad_logits(name):
     # the fused op takes the margin's slope from autograd, which inference mode forbids
     gen = torch.Generator().manual_seed(0)
-    head = HEADS[name](3, 4, **COUNTED.get(name, {}))
+    head = HEADS[name](3, 4, **COUNTED.get(name, {})).eval()  # eval: no state update
     emb, labels = torch.randn(6, 3, generator=gen), torch.tensor([0, 0, 1, 1, 2, 3])
     with torch.no_grad():
         expected = head(emb, labels)
@@ -237,3 +268,33 @@ def test_unpg_exposes_count_labels_only_over_hsm():
     head = HEADS["unpg"](3, 4, base="hsm")
     head.count_labels(torch.tensor([0, 1, 1, 3]))
     assert head.base.class_counts.tolist() == [1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_loss_is_the_cross_entropy_of_the_logits(name):
+    # MagFace adds its regulariser: norms inside [l_a, u_a] make it non-zero
+    gen = torch.Generator().manual_seed(0)
+    head = HEADS[name](3, 4, **COUNTED.get(name, {})).eval()
+    emb, labels = 30 * torch.randn(6, 3, generator=gen), torch.tensor([0, 0, 1, 1, 2, 3])
+    extra = head.regularizer(emb) if name == "magface" else 0.0
+    assert float(extra) > 0 or name != "magface"
+    expected = F.cross_entropy(head(emb, labels), labels) + extra
+    torch.testing.assert_close(head.loss(emb, labels), expected, rtol=1e-6, atol=0)
+
+
+def test_unpg_loss_adds_the_base_regulariser():
+    gen = torch.Generator().manual_seed(0)
+    head = HEADS["unpg"](3, 4, base="magface")
+    emb, labels = 30 * torch.randn(6, 3, generator=gen), torch.tensor([0, 0, 1, 1, 2, 3])
+    expected = F.cross_entropy(head(emb, labels), labels) + head.base.regularizer(emb)
+    torch.testing.assert_close(head.loss(emb, labels), expected)
+
+
+@pytest.mark.parametrize("name", ["curricularface", "adaface"])
+def test_state_is_a_buffer_that_follows_the_module(name):
+    head = HEADS[name](3, 4)
+    head(torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0]))
+    restored = HEADS[name](3, 4)
+    restored.load_state_dict(head.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(head.buffers(), restored.buffers(), strict=True))
+    assert {b.dtype for b in head.double().buffers()} == {torch.float64}

@@ -1,8 +1,10 @@
-"""Margin heads: ``HEADS[name](embedding_dim, num_classes, **params)``.
+"""Margin heads: ``make_head(name, embedding_dim, num_classes, **params)`` or ``HEADS[name](...)``.
 
-Every head has a parameter ``weight`` (C, d) and ``forward(emb (B, d), labels (B,)) -> logits``
-(scaled, margins applied), trained with ``F.cross_entropy(head(emb, y), y)``. Unknown names and
-unknown or out-of-range parameters raise a ValueError that lists the valid ones.
+Every head has a parameter ``weight`` (C, d), ``forward(emb (B, d), labels (B,)) -> logits``
+(scaled, margins applied) and ``loss(emb, labels)`` (the cross-entropy of its logits; MagFace
+adds its regulariser). `make_head` raises a ValueError that lists the valid heads for an
+unknown name and the valid parameters for an unknown one; out-of-range values raise in the
+constructors. Each head's formula is plain torch in its own module; see docs/methods.md §5.
 
 ============== ======================================================= =====================
 name           logits                                                  defaults
@@ -14,6 +16,9 @@ arcface        target s·cos(θ_y + m), fallback cos θ_y − m·sin m       m=0
 arcface_nograd value of arcface (no fallback), gradient of ``cosine``  m=0.5
 npcface        sample margin + hard negatives t·cos θ + α              m=0.5, m0=0.4, m1=0.2
 hsm            [recon] class-size margin + pseudo-class margin         m_max=0.5
+curricularface arcface target + hard negatives cos θ·(t + cos θ)       m=0.5, momentum=0.01
+adaface        norm-adaptive angular + additive target margin          m=0.4, h=0.333
+magface        magnitude-dependent arcface margin + regulariser        l_m=0.45, u_m=0.8
 unpg           any cosine head + in-batch negative-pair columns        base="arcface", k=1.5
 ============== ======================================================= =====================
 
@@ -23,50 +28,44 @@ default).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from mining.heads.adaface import AdaFace
 from mining.heads.arcface import ArcFace, ArcFaceNoGrad
 from mining.heads.base import COS_EPS, CosineHead
 from mining.heads.cosface import CosFace
+from mining.heads.curricularface import CurricularFace
 from mining.heads.hsm import HSM
+from mining.heads.magface import MagFace
 from mining.heads.npcface import NPCFace
+from mining.heads.registry import COSINE_HEADS, build
 from mining.heads.softmax import SoftmaxHead
 from mining.heads.unpg import UNPG
 
-
-class UnknownHeadError(KeyError, ValueError):
-    """``HEADS[name]`` with an unknown name; a ValueError that is still a KeyError for dicts."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])  # KeyError would print the message with quotes
+HEADS: dict[str, type[nn.Module]] = {"softmax": SoftmaxHead, **COSINE_HEADS, "unpg": UNPG}
 
 
-class _Registry(dict):
-    def __missing__(self, name: object) -> type[nn.Module]:
-        raise UnknownHeadError(f"unknown head {name!r}; valid heads: {', '.join(self)}")
+def make_head(name: str, embedding_dim: int, num_classes: int, **params: Any) -> nn.Module:
+    """``HEADS[name](embedding_dim, num_classes, **params)``, with ValueErrors that name the
+    valid heads (unknown name) or the valid parameters (unknown or out-of-range parameter)."""
+    return build(HEADS, name, embedding_dim, num_classes, params)
 
-
-HEADS: dict[str, type[nn.Module]] = _Registry(
-    softmax=SoftmaxHead,
-    cosine=CosineHead,
-    cosface=CosFace,
-    arcface=ArcFace,
-    arcface_nograd=ArcFaceNoGrad,
-    npcface=NPCFace,
-    hsm=HSM,
-    unpg=UNPG,
-)
 
 __all__ = [
     "COS_EPS",
     "HEADS",
     "HSM",
     "UNPG",
+    "AdaFace",
     "ArcFace",
     "ArcFaceNoGrad",
     "CosFace",
     "CosineHead",
+    "CurricularFace",
+    "MagFace",
     "NPCFace",
     "SoftmaxHead",
-    "UnknownHeadError",
+    "make_head",
 ]

@@ -1,25 +1,22 @@
-"""The cosine head that every margin head builds on (arcface_torch ``losses.py`` style).
+"""The cosine head that every margin head builds on, and the tensor helpers of their formulas.
 
-``CosineHead`` computes the clamped cosine matrix, applies the optional interclass filter and
-scales, all in one fused op (`CosineLogits`). A margin head overrides one of two hooks:
-
-* `CosineHead.target_margin` — the new target cosines ψ(cos θ_y) from the B target cosines
-  alone (CosFace, ArcFace, HSM without pseudo-class); the cosine matrix is scaled and its B
-  targets are overwritten in place.
-* `CosineHead.others_margin` (with ``target_only = False``) — a margin that changes non-target
-  logits too (NPCFace, HSM's pseudo-class): it builds the output logits from the cosines and
-  names the entries whose gradient it scales (see `OthersMargin`).
-
-Without a margin this is the plain normalised-softmax (NormFace) head, registered as ``cosine``.
+Each head is written formula-first, in the manner of arcface_torch's ``losses.py``: the head's
+``logits(cos, labels, norms)`` maps the clamped cosine matrix to its logits in a few lines of
+plain torch, and autograd takes the gradient (docs/methods.md §5). ``forward`` is the same for
+all: cosine matrix (`cosine`) → the head's ``logits``. Heads whose margin only replaces the
+target cosine (cosine, cosface, arcface, arcface_nograd) write it as ``target(c)`` instead and,
+by default, run it through the fused op of mining/heads/fused.py, an accelerator of the same
+formula tested equal to it in float64.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mining.heads.fused import CosineLogits, OthersMargin
-from mining.heads.params import CheckedParams, check_range, check_size
+from mining.heads.fused import CosineLogits
+from mining.heads.params import check_range, check_size
 
 #: Cosines are clamped to [-1 + COS_EPS, 1 - COS_EPS] before any acos/sqrt(1 - cos²): fp16 dot
 #: products of unit vectors can exceed 1, and d/dc sqrt(1 - c²) is infinite at |c| = 1.
@@ -49,8 +46,59 @@ def target_cosine(cos: Tensor, labels: Tensor) -> Tensor:
     return cos.gather(1, labels[:, None]).squeeze(1)
 
 
-class CosineHead(CheckedParams, nn.Module):
-    """Plain cosine head (NormFace): logits = s · cos θ_j, cos θ_j = <f/|f|, W_j/|W_j|>.
+def with_target(x: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+    """``x`` (B, C) with entry (i, y_i) replaced by ``target[i]`` (B,); out of place."""
+    return x.scatter(1, labels[:, None], target.to(x.dtype)[:, None])
+
+
+def hard_negatives(cos: Tensor, labels: Tensor, threshold: Tensor) -> Tensor:
+    """Boolean M (B, C): cos_ij > threshold_i (B,) and j ≠ y_i; no gradient."""
+    with torch.no_grad():
+        return (cos > threshold[:, None]).scatter_(1, labels[:, None], False)
+
+
+def feature_norms(emb: Tensor) -> Tensor:
+    """‖e_i‖ (B,) of raw embeddings (B, d), in at least float32 (also under autocast)."""
+    return emb.to(torch.promote_types(emb.dtype, torch.float32)).norm(dim=1)
+
+
+@torch.no_grad()
+def ema_(buffer: Tensor, value: Tensor, momentum: float) -> None:
+    """In place: buffer ← momentum · value + (1 − momentum) · buffer (no gradient)."""
+    buffer.lerp_(value.to(buffer.dtype), momentum)
+
+
+class _ClampStraightThrough(torch.autograd.Function):
+    """clamp(x, −1 + COS_EPS, 1 − COS_EPS) whose gradient is passed straight through: the
+    clamp only guards acos / sqrt(1 − cos²) and moves a cosine by at most COS_EPS."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def cosine(emb: Tensor, weight: Tensor, labels: Tensor, interclass_filter: float | None) -> Tensor:
+    """cos θ (B, C) = clamp(<e_i/|e_i|, W_j/|W_j|>, −1 + ε, 1 − ε), then 0 where filtered.
+
+    ``emb`` (B, d) raw, ``weight`` (C, d), ``labels`` (B,). In at least float32 (also under
+    fp16 autocast). Interclass filter: non-target cosines > ``interclass_filter`` become a
+    constant 0 with no gradient (docs/methods.md §5).
+    """
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+    cos = _ClampStraightThrough.apply(cos.to(torch.promote_types(cos.dtype, torch.float32)))
+    if interclass_filter is None:
+        return cos
+    with torch.no_grad():
+        filtered = (cos > interclass_filter).scatter_(1, labels[:, None], False)
+    return cos.masked_fill(filtered, 0.0)
+
+
+class CosineHead(nn.Module):
+    """Plain cosine head (NormFace): logits = s · cos θ_j, the base of every margin head.
 
     Shapes: ``emb`` (B, d) raw embeddings, ``labels`` (B,) int64 in [0, C), ``weight`` (C, d),
     logits (B, C) (margin heads may append columns; labels always index the first C).
@@ -59,14 +107,11 @@ class CosineHead(CheckedParams, nn.Module):
         embedding_dim: d.
         num_classes: C.
         s: scale applied to all cosine logits (default 64).
-        interclass_filter: if given, non-target cosines > this threshold are zeroed under
-            no_grad before the margin is applied (arcface_torch uses 0.4); ``None`` = off.
+        interclass_filter: if given, non-target cosines > this threshold become a constant 0
+            before the margin (arcface_torch uses 0.4); ``None`` = off.
 
-    The cosine matrix is computed in at least float32 (also under fp16 autocast) and clamped
-    to [-1 + COS_EPS, 1 - COS_EPS] (see `CosineLogits`: the clamp passes gradient through).
-    Interclass-filtered entries are a constant 0 with no gradient (arcface_torch builds the
-    mask under no_grad): such class centres are treated as probable label noise or duplicate
-    identities, not pushed away.
+    A margin head overrides ``target(c)`` (a margin on the target cosine alone) or
+    ``logits(cos, labels, norms)`` (anything else); see docs/methods.md §5.
     """
 
     def __init__(
@@ -88,56 +133,38 @@ class CosineHead(CheckedParams, nn.Module):
         )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)  # arcface_torch's init of the class centres
+        #: Run `target` through the fused op (faster on CPU: docs/benchmarks.md); only where
+        #: the margin is `target` alone. Set False for the plain path: the same logits.
+        self.fused = type(self).logits is CosineHead.logits
 
-    #: The backward computes its gradient in the storage of the interclass filter's and the
-    #: margin's (B, C) masks, which saves a fresh (B, C) tensor per step on CPU but allows one
-    #: backward per forward; set False to backward twice (``retain_graph=True``, gradcheck).
-    reuse_masks = True
-
-    #: True when the margin changes only the target logits (`target_margin`); False for a
-    #: head that implements `others_margin`.
-    target_only = True
-
-    def cosine(self, emb: Tensor) -> Tensor:
-        """Clamped cosine matrix (B, C) between normalised embeddings and class centres."""
-        return CosineLogits.apply(emb, self.weight, None, 1.0, COS_EPS, None, None, None)
-
-    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
-        """New target cosines ψ(c) (B,) from the clamped target cosines c (B,). Here: none.
-
-        Written with differentiable torch ops on the B values: `CosineLogits` takes dψ/dc from
-        autograd.
-        """
+    def target(self, c: Tensor) -> Tensor:
+        """The margin on the target cosines: ψ(cos θ_y) (B,) -> (B,). Here: none."""
         return c
 
-    def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
-        """Output logits from s·cos (B, C), clamped and filtered, for ``target_only = False``.
+    def logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
+        """The head's formula: cos θ (B, C), labels (B,), feature norms ‖e_i‖ (B,) -> logits.
 
-        ``logits`` belongs to the hook: it may build its output there (see `OthersMargin`).
+        Here s · cos θ_j with the targets replaced by s · ψ(cos θ_y) (ψ = `target`).
         """
-        raise NotImplementedError(f"{type(self).__name__} changes only the target logits")
-
-    def margin(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """The margin that forward applies, on an explicit cosine matrix (B, C), unscaled.
-
-        Returns ``(others, target)``: ``others`` (B, C') supplies every non-target cosine
-        (C' > C appends columns), ``target`` (B,) the new target cosines. For inspection and
-        tests: forward runs the same hooks inside `CosineLogits`.
-        """
-        c = target_cosine(cos, labels)
-        if self.target_only:
-            return cos, self.target_margin(c, labels)
-        margin = self.others_margin(self.s * cos, labels)  # the hook may overwrite its input
-        return margin.others / self.s, margin.target(c, labels)
+        return self.s * with_target(cos, labels, self.target(target_cosine(cos, labels)))
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B, d), (B,) -> logits (B, C or more), scaled by s, margins applied."""
         check_labels(emb, labels, self.num_classes)
-        hooks = (self.target_margin, None) if self.target_only else (None, self.others_margin)
-        return CosineLogits.apply(
-            emb, self.weight, labels, self.s, COS_EPS, self.interclass_filter, *hooks,
-            self.reuse_masks,
-        )  # fmt: skip
+        if self.fused:
+            return CosineLogits.apply(
+                emb, self.weight, labels, self.s, COS_EPS, self.interclass_filter, self.target
+            )
+        cos = cosine(emb, self.weight, labels, self.interclass_filter)
+        return self.logits(cos, labels, feature_norms(emb))
+
+    def regularizer(self, emb: Tensor) -> Tensor | float:
+        """A term `loss` adds to the cross-entropy (MagFace's λ_g · mean g(a)); here 0."""
+        return 0.0
+
+    def loss(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """Scalar training loss: mean cross-entropy of the logits + `regularizer`."""
+        return F.cross_entropy(self(emb, labels), labels) + self.regularizer(emb)
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""CosFace (Wang et al., 2018): additive cosine margin on the target class."""
+"""CosFace (Wang et al., CVPR 2018): additive cosine margin on the target class."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from mining.heads.params import check_range
 
 
 class CosFace(CosineHead):
-    """Target logit s·(cos θ_y − m), other logits s·cos θ_j. Shapes as in `CosineHead`.
+    """Target logit s·(cos θ_y − m), other logits s·cos θ_j (docs/methods.md §5).
+
+    Shapes as in `CosineHead`: emb (B, d), labels (B,) -> logits (B, C).
 
     Args:
         m: additive cosine margin, in [0, 2] (default 0.35; arcface_torch configs use 0.4).
@@ -28,7 +30,8 @@ class CosFace(CosineHead):
         super().__init__(embedding_dim, num_classes, s=s, interclass_filter=interclass_filter)
         self.m = check_range("m", m, 0.0, 2.0)
 
-    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
+    def target(self, c: Tensor) -> Tensor:
+        """ψ(cos θ_y) = cos θ_y − m: (B,) -> (B,)."""
         return c - self.m
 
     def extra_repr(self) -> str:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from mining.heads.base import CosineHead
-from mining.heads.fused import OthersMargin, row_reduce
+from mining.heads.base import CosineHead, target_cosine, with_target
 from mining.heads.params import check_choice, check_range
 
 PSEUDO_VARIANTS = ("false_class", "virtual_class", "none")
@@ -44,6 +44,7 @@ class HSM(CosineHead):
 
     Shapes as in `CosineHead`; logits are (B, C), or (B, C + 1) with ``pseudo="virtual_class"``.
     Defaults (all [recon] except m_max = 0.5 from LDAM): tau = 0.9, delta = 0.3, m_p = 0.2.
+    See docs/methods.md §5.
     """
 
     def __init__(
@@ -71,11 +72,6 @@ class HSM(CosineHead):
         self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.int64))
         if class_counts is not None:
             self.set_class_counts(class_counts)
-
-    @property
-    def target_only(self) -> bool:
-        """Without a pseudo-class margin only the target logits change (the fused path)."""
-        return self.pseudo == "none"
 
     def set_class_counts(self, counts: Sequence[int] | Tensor) -> None:
         """Replace the class counts n_j: length C, non-negative integers."""
@@ -114,29 +110,6 @@ class HSM(CosineHead):
         n = counts if labels is None else counts[labels]
         return torch.where(n > 0, self.m_max * (n_min / n.clamp(min=1)) ** 0.25, 0.0)
 
-    def saturated(self, cos: Tensor, target: Tensor, labels: Tensor) -> Tensor:
-        """Boolean (B,): rows whose target c'_y (B,) already wins against cos (B, C)'s others."""
-        return self._saturated_logits(self.s * cos, self.s * target, labels)
-
-    @torch.no_grad()
-    def _saturated_logits(self, logits: Tensor, target: Tensor, labels: Tensor) -> Tensor:
-        """`saturated` on logits = s·cos (B, C) and target logits s·c'_y (B,).
-
-        ``logits`` is left as it came: its targets are hidden under −inf while the other
-        classes are reduced (no (B, C) temporary, which costs more than a pass on CPU).
-        "prob": log p_y = s·c'_y − logaddexp(s·c'_y, LSE_{j≠y} s·cos_j), the LSE in row blocks.
-        """
-        rows = labels[:, None]
-        original = logits.gather(1, rows)
-        logits.scatter_(1, rows, -torch.inf)
-        try:
-            if self.saturation == "prob":
-                others = row_reduce(lambda x: torch.logsumexp(x, dim=1), logits)
-                return (target - torch.logaddexp(target, others)).exp() > self.tau
-            return (target - logits.amax(dim=1)) / self.s > self.delta
-        finally:
-            logits.scatter_(1, rows, original)
-
     def batch_margins(self, labels: Tensor) -> Tensor:
         """m_y (B,) of the batch labels; a ValueError if a label's class was never counted."""
         if (self.class_counts[labels] == 0).any():
@@ -146,28 +119,26 @@ class HSM(CosineHead):
             )
         return self.class_margins(labels)
 
-    def target_margin(self, c: Tensor, labels: Tensor) -> Tensor:
-        """Step 1: c'_y = cos θ_y − m_y for target cosines c (B,)."""
-        return c - self.batch_margins(labels).to(c.dtype)
-
-    def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
-        batch, classes = logits.shape
-        margins = self.batch_margins(labels)  # once per forward: a pass over the C counts
-
-        def target(c: Tensor, labels: Tensor) -> Tensor:  # = target_margin
-            return c - margins.to(c.dtype)
-
-        c = logits.gather(1, labels[:, None]).squeeze(1) / self.s
-        saturated = self._saturated_logits(logits, self.s * target(c, labels), labels)
-        if self.pseudo == "false_class":  # in place; the targets are overwritten afterwards
-            logits.add_((self.s * self.m_p * saturated.to(logits.dtype))[:, None])
-            return OthersMargin(logits, target)
-        out = logits.new_empty(batch, classes + 1)
-        out[:, :classes] = logits
-        # rows that are not saturated get the most negative finite float: softmax weight 0
-        out[:, classes] = torch.finfo(out.dtype).min
-        out[:, classes].masked_fill_(saturated, self.s * (1.0 - self.m_p))
-        return OthersMargin(out, target)
+    def logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
+        """cos θ (B, C), labels (B,) -> logits (B, C), or (B, C + 1) for "virtual_class"."""
+        target = target_cosine(cos, labels) - self.batch_margins(labels).to(cos.dtype)  # c'_y
+        real = with_target(cos, labels, target)  # step 1
+        if self.pseudo == "none":
+            return self.s * real
+        with torch.no_grad():  # step 2
+            if self.saturation == "prob":
+                p_target = target_cosine(F.softmax(self.s * real, dim=1), labels)
+                saturated = p_target > self.tau
+            else:
+                others = cos.scatter(1, labels[:, None], -torch.inf).amax(dim=1)
+                saturated = target - others > self.delta
+        if self.pseudo == "false_class":  # step 3
+            shifted = cos + self.m_p * saturated.to(cos.dtype)[:, None]
+            return self.s * with_target(shifted, labels, target)
+        # unsaturated rows: the most negative finite float (softmax weight 0, logits finite)
+        virtual = torch.full_like(target, torch.finfo(cos.dtype).min)
+        virtual.masked_fill_(saturated, self.s * (1.0 - self.m_p))
+        return torch.cat([self.s * real, virtual[:, None]], dim=1)
 
     def extra_repr(self) -> str:
         return (

@@ -8,25 +8,23 @@ import torch
 from torch import Tensor
 
 from mining.heads.arcface import cos_plus
-from mining.heads.base import CosineHead, target_cosine
-from mining.heads.fused import OthersMargin, row_blocks
+from mining.heads.base import CosineHead, hard_negatives, target_cosine, with_target
 from mining.heads.params import check_range
 
 
 class NPCFace(CosineHead):
     """Hard negatives get a larger logit, and samples with hard negatives a larger margin.
 
-    For sample i with target y (all masks and m'_i under no_grad):
+    For sample i with target y (the mask M and m'_i are constants: no gradient):
 
         M_ij  = [cos θ_j > cos(θ_y + m)], j ≠ y                      hard-negative mask
         m'_i  = m0 + m1 · mean_{j ∈ M_i} cos θ_j   (m0 if M_i is empty)  ∈ [m0 − m1, m0 + m1]
         target logit   s · (cos(θ_y + m'_i) if cos θ_y > 0 else cos θ_y)
         hard negatives s · (t · cos θ_j + α),  other negatives s · cos θ_j
 
-    Shapes as in `CosineHead`. Defaults m = 0.5, m0 = 0.4, m1 = 0.2, t = 1.1, α = 0.2, s = 64.
+    Shapes as in `CosineHead`. Defaults m = 0.5, m0 = 0.4, m1 = 0.2, t = 1.1, α = 0.2, s = 64
+    (docs/methods.md §5).
     """
-
-    target_only = False  # hard negatives change non-target logits
 
     def __init__(
         self,
@@ -49,42 +47,16 @@ class NPCFace(CosineHead):
         self.t = check_range("t", t, 0.0, low_open=True, high_open=True)
         self.alpha = check_range("alpha", alpha, 0.0, high_open=True)
 
-    @torch.no_grad()
-    def hard_negatives(self, cos: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Hard mask M (B, C) (float 0/1) and sample margins m' (B,) for clamped cosines (B, C)."""
-        return self.apply_hard_negatives(cos * self.s, labels)
-
-    @torch.no_grad()
-    def apply_hard_negatives(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Turn s·cos (B, C) in place into s·(t·cos + α) on the hard negatives; return M, m'.
-
-        M (B, C) is a float 0/1 tensor in the logits' dtype (float masks take one vectorised
-        pass where boolean ones take several on CPU; the backward computes its gradient in it).
-        Done in row blocks (`row_blocks`): the mask, its count, the hard-cosine sum and the
-        new logits of a block are computed while it is in cache, one memory sweep in all
-        instead of five.
-        """
-        s = self.s
-        threshold = s * cos_plus(target_cosine(logits, labels) / s, self.m)  # (B,)
-        hard = torch.empty_like(logits)
-        count, hard_sum = logits.new_empty(len(labels)), logits.new_empty(len(labels))
-        for rows in row_blocks(logits):
-            x, m = logits[rows], hard[rows]
-            torch.gt(x, threshold[rows, None], out=m)
-            m.scatter_(1, labels[rows, None], 0.0)
-            torch.sum(m, 1, out=count[rows])
-            torch.sum(m * x, 1, out=hard_sum[rows])
-            x.addcmul_(x, m, value=self.t - 1.0).add_(m, alpha=s * self.alpha)
-        mean_hard = hard_sum / (s * count.clamp(min=1))  # 0 when there is no hard negative
-        return hard, self.m0 + self.m1 * mean_hard
-
-    def others_margin(self, logits: Tensor, labels: Tensor) -> OthersMargin:
-        hard, sample_margin = self.apply_hard_negatives(logits, labels)
-
-        def target(c: Tensor, labels: Tensor) -> Tensor:
-            return torch.where(c > 0, cos_plus(c, sample_margin.to(c.dtype)), c)
-
-        return OthersMargin(logits, target, mask=hard, slope=self.t)
+    def logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
+        """cos θ (B, C), labels (B,) -> logits (B, C); ``norms`` unused."""
+        c = target_cosine(cos, labels)  # (B,)
+        hard = hard_negatives(cos, labels, cos_plus(c, self.m))  # M (B, C)
+        with torch.no_grad():
+            mean_hard = (cos * hard).sum(1) / hard.sum(1).clamp(min=1)  # 0 without hard ones
+        sample_margin = self.m0 + self.m1 * mean_hard  # m'_i (B,)
+        others = torch.where(hard, self.t * cos + self.alpha, cos)
+        target = torch.where(c > 0, cos_plus(c, sample_margin), c)
+        return self.s * with_target(others, labels, target)
 
     def extra_repr(self) -> str:
         return (

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mining.heads.base import check_labels
-from mining.heads.params import CheckedParams, check_size
+from mining.heads.params import check_size
 
 
-class SoftmaxHead(CheckedParams, nn.Module):
+class SoftmaxHead(nn.Module):
     """logits = emb · Wᵀ (+ b): (B, d) -> (B, C); no normalisation, no scale, no margin.
 
     Args:
@@ -18,7 +18,8 @@ class SoftmaxHead(CheckedParams, nn.Module):
         num_classes: C.
         bias: add a learnt per-class bias b (C,) (default off, as in face-recognition heads).
 
-    ``labels`` are validated but unused: the signature matches the margin heads.
+    ``labels`` are validated but unused: the signature matches the margin heads
+    (docs/methods.md §5).
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, *, bias: bool = False) -> None:
@@ -35,6 +36,10 @@ class SoftmaxHead(CheckedParams, nn.Module):
         """(B, d), (B,) -> logits (B, C)."""
         check_labels(emb, labels, self.num_classes)
         return F.linear(emb, self.weight, self.bias)
+
+    def loss(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """Scalar training loss: mean cross-entropy of the logits."""
+        return F.cross_entropy(self(emb, labels), labels)
 
     def extra_repr(self) -> str:
         return (

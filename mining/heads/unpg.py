@@ -1,7 +1,7 @@
 """UNPG (Jung et al., BMVC 2022): unified negative pair generation, following the authors' code.
 
 Negative pairs of the mini-batch, after dropping outliers with Tukey fences, become extra
-negative logit columns shared by every row of any cosine margin head:
+negative logit columns shared by every row of any cosine margin head (docs/methods.md §5):
 
     s_n   = {<f_i, f_j> : i < j, y_i ≠ y_j}                       (f = normalised embedding)
     Q1, Q3 = v[⌊n/4⌋], v[⌊3n/4⌋] of v = sort(s_n) ascending, n = |s_n|
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mining.heads.base import CosineHead
-from mining.heads.params import CheckedParams, check_range
+from mining.heads.params import check_range
+from mining.heads.registry import COSINE_HEADS, build
 
 
 def negative_pair_cosines(emb: Tensor, labels: Tensor) -> Tensor:
@@ -51,14 +51,15 @@ def tukey_kept(values: Tensor, k: float) -> Tensor:
     return v[(v >= q1 - k * iqr) & (v <= q3 + k * iqr)]
 
 
-class UNPG(CheckedParams, nn.Module):
+class UNPG(nn.Module):
     """Wrap a cosine margin head and append the kept in-batch negative pairs as logit columns.
 
-    ``UNPG(embedding_dim, num_classes, base="arcface", k=1.5, **base_params)``; ``base_params``
-    go to ``HEADS[base]`` (e.g. ``m``, ``s``, ``interclass_filter``), whose scale ``s`` also
-    scales the extra columns. ``forward(emb (B, d), labels (B,)) -> (B, C' + K)`` where C' is the
-    base head's width (C, or C + 1 for HSM's virtual class) and labels index the first C.
-    ``weight`` is the base head's (C, d) parameter.
+    ``UNPG(embedding_dim, num_classes, base="arcface", k=1.5, **base_params)``; ``base`` is any
+    head of `COSINE_HEADS` and ``base_params`` go to it (e.g. ``m``, ``s``,
+    ``interclass_filter``); its scale ``s`` also scales the extra columns. ``forward(emb (B, d),
+    labels (B,)) -> (B, C' + K)`` where C' is the base head's width (C, or C + 1 for HSM's
+    virtual class) and labels index the first C. ``weight`` is the base head's (C, d)
+    parameter; `loss` adds the base head's regulariser (MagFace's) to the cross-entropy.
     """
 
     def __init__(
@@ -71,14 +72,12 @@ class UNPG(CheckedParams, nn.Module):
         **base_params: object,
     ) -> None:
         super().__init__()
-        from mining.heads import HEADS  # the registry imports this module
-
-        bases = {name: cls for name, cls in HEADS.items() if issubclass(cls, CosineHead)}
-        if base not in bases:
-            raise ValueError(f"base must be one of {', '.join(map(repr, bases))}; got {base!r}")
+        if base not in COSINE_HEADS:
+            bases = ", ".join(map(repr, COSINE_HEADS))
+            raise ValueError(f"base must be one of {bases}; got {base!r}")
         self.k = check_range("k", k, 0.0)
         try:
-            self.base = bases[base](embedding_dim, num_classes, **base_params)
+            self.base = build(COSINE_HEADS, base, embedding_dim, num_classes, base_params)
         except ValueError as err:
             raise ValueError(f"unpg (own parameters: base, k): {err}") from None
         self.base_name = base
@@ -97,15 +96,6 @@ class UNPG(CheckedParams, nn.Module):
         return self.base.num_classes
 
     @property
-    def reuse_masks(self) -> bool:
-        """The base head's `CosineHead.reuse_masks` (False to backward twice through a forward)."""
-        return self.base.reuse_masks
-
-    @reuse_masks.setter
-    def reuse_masks(self, value: bool) -> None:
-        self.base.reuse_masks = value
-
-    @property
     def count_labels(self) -> Callable[[Tensor], None]:
         """The base head's ``count_labels`` (HSM's class counts); absent for other bases.
 
@@ -122,6 +112,10 @@ class UNPG(CheckedParams, nn.Module):
             return logits
         extra = (self.s * kept).to(logits.dtype)
         return torch.cat([logits, extra.expand(logits.shape[0], -1)], dim=1)
+
+    def loss(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """Scalar training loss: mean cross-entropy of the logits + the base's regulariser."""
+        return F.cross_entropy(self(emb, labels), labels) + self.base.regularizer(emb)
 
     def extra_repr(self) -> str:
         return f"base={self.base_name!r}, k={self.k:g}"
