@@ -180,6 +180,9 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
         )
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():
         problems.append(("model.init", f"no such file: {cfg.model.init}"))
+    problems += [
+        ("eval.sets", f"no such file: {p}") for p in cfg.eval.sets if not Path(p).is_file()
+    ]
     data_cfg = {"kind": cfg.data.kind, **cfg.data.params()}
     problems += _attempt("data", "data", validate_data, data_cfg)
     return problems

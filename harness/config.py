@@ -195,7 +195,11 @@ class TrainCfg(_Strict):
     threads: int = Field(
         default=0, ge=0, le=1024, description="CPU threads (0 = cores / concurrent trials)"
     )
-    workers: int = Field(default=0, ge=0, le=64, description="data loader worker processes")
+    workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="data loader processes for image data (0 = decode in the trial's process; "
+        "auto = the trial's CPUs, at most 8)",
+    )
 
     @field_validator("batch")
     @classmethod
@@ -206,6 +210,13 @@ class TrainCfg(_Strict):
                 f"batch must be a multiple of samples_per_identity = {k} (P identities × {k} "
                 f"photos); got {v}"
             )
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 64:
+            raise ValueError(f"workers must be 'auto' or an integer in [0, 64]; got {v}")
         return v
 
     @model_validator(mode="after")
@@ -233,6 +244,12 @@ class EvalCfg(_Strict):
         min_length=1,
         description="FARs of the TAR@FAR columns, in (0, 1); FAR f needs ≥ 1/f impostor pairs",
     )
+    sets: list[str] = Field(
+        default_factory=list,
+        description="insightface .bin verification sets (LFW, CFP-FP, AgeDB-30): "
+        "columns <stem>_acc (10-fold) and <stem>_tar@<far>; image models only",
+    )
+    flip: bool = Field(default=False, description="test-time flip fusion for the .bin sets")
 
     @field_validator("far")
     @classmethod

@@ -121,11 +121,14 @@ _MEASURED = {
     "collapsed": pl.Boolean, "memory_share": pl.Float64, "neg_age": pl.Float64,
     "drift": pl.Float64, "final_loss": pl.Float64, "resumed_from_step": pl.Int64,
     "checkpoint_s": pl.Float64, "checkpoint_bytes": pl.Int64, "init_sha256": pl.String,
+    # data quality (harness.data.ivs.QUALITY_KEYS)
+    "bad_images": pl.Int64, "single_image_identities": pl.Int64,
+    "no_id_photo_identities": pl.Int64,
 }  # fmt: skip
 _ENV = {"device": pl.String, "gpu_name": pl.String, "host": pl.String, "git_commit": pl.String}
 
-#: Every row column -> dtype, in row order; `tar@<far>` columns (Float64) follow the measured
-#: ones. Nullable columns keep their dtype in failed trials, so run files always concatenate.
+#: Every row column -> dtype, in row order; `tar@<far>` columns and the .bin sets' `<stem>_acc`
+#: and `<stem>_tar@<far>` (Float64) follow the measured ones. Nullable columns keep their dtype in failed trials, so run files always concatenate.
 ROW_COLUMNS: dict[str, pl.DataType] = {
     **_IDENTITY, **_CONFIG, "status": pl.String, "error": pl.String, **_MEASURED, **_ENV,
 }  # fmt: skip
@@ -169,7 +172,7 @@ class Metric:
 #: The first pattern that matches a column wins (`*_per_s` before the `*_s` durations).
 METRICS: tuple[Metric, ...] = (
     Metric("*_per_s", True, 0, "samples/s"),
-    Metric("tar@*", True, 3, "TAR"),
+    Metric("*tar@*", True, 3, "TAR"),  # IvS `tar@1e-3` and .bin sets' `lfw_tar@1e-3`
     Metric("auc", True, 3, "AUC"),
     Metric("*acc*", True, 3, "accuracy"),
     Metric("*_mib", False, 0, "peak MiB"),

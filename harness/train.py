@@ -27,23 +27,14 @@ import torch.nn.functional as F
 from harness.build import build_step
 from harness.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from harness.config import TrialConfig
-from harness.data import IvSData, PairBatchSampler
+from harness.data import IvSData
+from harness.data.stream import default_workers
 from harness.measure import StepTimer
 from harness.recipe import Precision, make_optimizer, make_scheduler
 from harness.records import CURVE_COLUMNS, NonFiniteLoss, config_key
 
 # curve columns summarised over the last steps into the trial's row
 _SUMMARISED = ("memory_share", "neg_age", "drift")
-
-
-def endless_batches(
-    labels: torch.Tensor, domain: torch.Tensor, n: int, gen: torch.Generator, k: int = 2
-) -> Iterator[torch.Tensor]:
-    """Index batches of `n` samples (n/k identities × k photos, ID photo first), epoch after
-    epoch."""
-    sampler = PairBatchSampler(labels, n, gen, k=k, domain=domain)
-    while True:
-        yield from sampler
 
 
 class DriftProbe:
@@ -132,7 +123,7 @@ class Trainer:
         self.step_fn, params, self.stateful = build_step(cfg, model, data, device, self.precision)
         self.optimizer = make_optimizer(tr, params)
         self.scheduler = make_scheduler(tr, self.optimizer)
-        self.probe = DriftProbe(data.train.x[:PROBE_SIZE].to(device), cfg.method.memory, self.n,
+        self.probe = DriftProbe(data.probe_x(PROBE_SIZE).to(device), cfg.method.memory, self.n,
                                 tr.log_every)  # fmt: skip
         self.timer = StepTimer(device)
         self.injector = Injector(cfg.debug.inject, cfg.debug.inject_step, deadline_check)
@@ -165,16 +156,16 @@ class Trainer:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) on the device, batch after batch from `self.start` on (a resumed trial skips
-        the index batches it already trained on: the sampler is seeded, so they are the same)."""
-        split = self.data.train
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        indices = endless_batches(split.labels, split.domain, self.n, gen,
-                                  self.cfg.train.samples_per_identity)  # fmt: skip
-        for _ in range(self.start):
-            next(indices)
-        for idx in indices:
-            x, y = split.x[idx], split.labels[idx]
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        the batches it already trained on, at the index level: the sampler is seeded)."""
+        tr, cuda = self.cfg.train, self.device.type == "cuda"
+        workers = default_workers() if tr.workers == "auto" else tr.workers
+        for x, y in self.data.train_batches(
+            self.n, tr.samples_per_identity, self.cfg.seed,
+            workers=workers, pin_memory=cuda, start=self.start,
+        ):  # fmt: skip
+            if tr.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
 
     def step(
         self, step: int, x: torch.Tensor, y: torch.Tensor

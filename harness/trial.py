@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from harness import build, measure
 from harness.checkpoint import load_init
 from harness.config import TrialConfig
 from harness.data import IvSData
+from harness.data.verification_sets import evaluate_bin
 from harness.metrics import ivs_verification
 from harness.records import (
     NonFiniteLoss,
@@ -150,15 +150,8 @@ def _run(
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     deadline_check()
-    id_emb, spot_emb = _embed_test(model, data, device)
-    out |= ivs_verification(
-        id_emb,
-        spot_emb,
-        cfg.eval.far,
-        id_labels=data.test_id_labels,
-        spot_labels=data.test_spot_labels,
-        symmetric=data.test_symmetric,
-    )
+    out |= data.quality
+    out |= _evaluate(cfg, model, data, device)
     return out, curves
 
 
@@ -170,22 +163,36 @@ def _placed(model: torch.nn.Module, cfg: TrialConfig) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _embed_test(
-    model: torch.nn.Module, data: IvSData, device: torch.device, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (n, d) embeddings of the held-out ID and spot photos, on the CPU."""
+def _evaluate(
+    cfg: TrialConfig, model: torch.nn.Module, data: IvSData, device: torch.device
+) -> dict[str, Any]:
+    """IvS verification on the held-out pairs (`tar@<far>`, eer, auc, collapsed), and each
+    `eval.sets` .bin set (`<stem>_acc`, `<stem>_tar@<far>`). Embeddings are normalised in
+    float64 by the metrics, not here (a float32 normalisation distorts tiny or huge rows)."""
     model.eval()
 
     def embed(x: torch.Tensor) -> torch.Tensor:
-        parts = [
-            F.normalize(model(x[i : i + chunk].to(device)).float(), dim=1).cpu()
-            for i in range(0, len(x), chunk)
-        ]
-        return torch.cat(parts)
+        return model(x.to(device)).float().cpu()
 
-    id_emb = embed(data.test_id_x)
-    # one sample set on both sides (all_pairs protocol): embed it once
-    return id_emb, id_emb if data.test_spot_x is data.test_id_x else embed(data.test_spot_x)
+    id_emb, spot_emb = data.test_embeddings(embed)
+    out: dict[str, Any] = ivs_verification(
+        id_emb,
+        spot_emb,
+        cfg.eval.far,
+        id_labels=data.test_id_labels,
+        spot_labels=data.test_spot_labels,
+        symmetric=data.test_symmetric,
+    )
+    if cfg.eval.sets:
+        if len(data.input_shape) != 3:
+            raise ValueError(
+                f"eval.sets need an image model (input C×H×W); this data gives {data.input_shape}"
+            )
+        channels, size, _ = data.input_shape
+        for path in cfg.eval.sets:
+            out |= evaluate_bin(embed, path, image_size=size, channels=channels,
+                                fars=cfg.eval.far, flip=cfg.eval.flip)  # fmt: skip
+    return out
 
 
 def _empty_cuda_cache() -> None:

@@ -85,3 +85,10 @@ torch = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 assert not torch, torch[:5]
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
+
+
+def test_row_schema_names_every_data_quality_count():
+    from harness.data.ivs import QUALITY_KEYS
+    from harness.records import ROW_COLUMNS
+
+    assert set(QUALITY_KEYS) <= set(ROW_COLUMNS)

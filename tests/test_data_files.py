@@ -133,12 +133,6 @@ def test_image_folder_all_pairs(tmp_path):
     assert evaluate(emb, [0.5])["tar@5e-1"] == pytest.approx(1 - (k - 1) / n_gen, abs=1e-12)
 
 
-@pytest.mark.xfail(
-    raises=(TypeError, AttributeError),
-    strict=False,
-    reason="until harness/train.py and trial.py read streaming data through IvSData."
-    "train_batches / probe_x / test_embeddings (issue 15, lead); remove this mark then",
-)
 def test_trial_evaluates_all_pairs_with_labels(tmp_path):
     # the trial must pass labels and the symmetric rule through: the unlabelled rule would pair
     # each test image with itself (cosine 1 > every impostor: EER 0, TAR a multiple of 1/n)

@@ -114,7 +114,14 @@ class IvSData:
     # --- the interface of the training loop -------------------------------------------------
 
     def train_batches(
-        self, n: int, k: int, seed: int, *, workers: int = 0, pin_memory: bool = False
+        self,
+        n: int,
+        k: int,
+        seed: int,
+        *,
+        workers: int = 0,
+        pin_memory: bool = False,
+        start: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless training batches (x float32 (n, *input_shape) on the CPU, y int64 (n,)):
         P = n // k identities × k photos each, grouped by identity, the ID photo (domain 0)
@@ -127,14 +134,21 @@ class IvSData:
         applied at random to training images when the source says so (`data.flip`).
         In-memory kinds index their tensors (`workers` unused).
 
+        `start` skips the first `start` batches at the index level, without decoding them (a
+        trial resumed from a checkpoint continues with the batch it would have drawn next).
+
         Raises ValueError (at the call, before any batch) when n is not a positive multiple of
         k, or fewer than P training identities have ≥ k samples.
         """
         sampler = self._sampler(n, k, seed)
 
         def epochs() -> Iterator[torch.Tensor]:
+            drawn = 0
             while True:
-                yield from sampler
+                for idx in sampler:
+                    drawn += 1
+                    if drawn > start:
+                        yield idx
 
         labels = self.train.labels
         if self.source is not None:
