@@ -20,26 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.config import TrialConfig
 from harness.data import DATA_KINDS, IvSData, build_data, validate_data
 from harness.models import MODELS, build_model
 from harness.recipe import Precision
-from mining.heads import HEADS
+from mining.heads import HEADS, make_head
 from mining.losses import LOSSES
 from mining.miners import MINERS
 from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch
-
-try:  # TEMP until the heads redesign lands
-    from mining.heads import make_head
-except ImportError:
-
-    def make_head(name, d, c, **p):  # type: ignore[no-redef]
-        return HEADS[name](d, c, **p)
-
 
 #: `(x, y) -> (detached loss, stats)`; gradients are left in `.grad` for the optimiser.
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]
@@ -103,7 +94,7 @@ def build_step(
 
         def head_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
             emb = embed(x)
-            loss = h.loss(emb, y) if hasattr(h, "loss") else F.cross_entropy(h(emb, y), y)  # TEMP
+            loss = h.loss(emb, y)
             prec.backward(loss)
             return loss.detach(), {}
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from harness.metrics import ivs_verification
 from mining import negatives  # `negatives.hardest_negatives` looked up per call: patchable
+from mining.heads import HEADS, make_head
 from mining.memory import CrossBatchMemory
 from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch
@@ -188,24 +189,14 @@ def _build_plb_exact(device: torch.device, p: dict[str, Any]) -> Pair:
     return Pair(subject, reference, {"forwards": float(forwards), **_cuda_peak(subject, device)})
 
 
-def _head_names() -> list[str]:
-    try:
-        from mining.heads import HEADS
-    except ImportError:
-        return []
-    return sorted(HEADS)
-
-
 def _build_head(name: str) -> Callable[[torch.device, dict[str, Any]], Pair]:
     def build(device: torch.device, p: dict[str, Any]) -> Pair:
-        """HEADS[name] forward + cross-entropy + backward vs a plain linear softmax step."""
-        from mining.heads import HEADS
-
+        """`head.loss` (forward + cross-entropy) + backward vs a plain linear softmax step."""
         g = torch.Generator().manual_seed(3)
         b, d, c = p["batch"], p["dim"], p["classes"]
         # HSM's class-size margin needs class counts: a long tail 1..50, deterministic
         extra = {"class_counts": torch.arange(c) % 50 + 1} if name == "hsm" else {}
-        head = HEADS[name](d, c, **extra).to(device)
+        head = make_head(name, d, c, **extra).to(device)
         emb = torch.randn(b, d, generator=g).to(device).requires_grad_(True)
         labels = torch.randint(0, c, (b,), generator=g).to(device)
         weight = head.weight.detach().clone().requires_grad_(True)
@@ -213,7 +204,7 @@ def _build_head(name: str) -> Callable[[torch.device, dict[str, Any]], Pair]:
         def subject() -> None:
             emb.grad = None
             head.zero_grad(set_to_none=True)
-            F.cross_entropy(head(emb, labels), labels).backward()
+            head.loss(emb, labels).backward()
 
         return Pair(subject, lambda: plain_softmax_step(emb, weight, labels))
 
@@ -231,7 +222,7 @@ def _build_ivs_eval(device: torch.device, p: dict[str, Any]) -> Pair:
 
 
 def all_cases() -> list[Case]:
-    """The fixed CI set; heads are enumerated from the HEADS registry when it exists."""
+    """The fixed CI set; one head case per entry of the HEADS registry."""
     mine = {"default": {"batch": 128, "dim": 128}, "tiny": {"batch": 32, "dim": 32}}
     cases = [
         Case(
@@ -271,7 +262,7 @@ def all_cases() -> list[Case]:
         "default": {"batch": 256, "dim": 128, "classes": 4096},
         "tiny": {"batch": 32, "dim": 16, "classes": 128},
     }
-    cases += [Case(f"head_{n}", "plain_softmax", _build_head(n), head_sizes) for n in _head_names()]
+    cases += [Case(f"head_{n}", "plain_softmax", _build_head(n), head_sizes) for n in sorted(HEADS)]
     cases.append(
         Case(
             "ivs_eval",
