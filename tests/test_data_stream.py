@@ -69,6 +69,15 @@ def test_same_batches_whatever_the_workers_and_seeded_flips(tmp_path):
     assert (green[:, 0] == 0).all() or d.train.domain.eq(0).sum() == 0
 
 
+def test_resumed_batches_equal_the_uninterrupted_ones(tmp_path):
+    write_folder(tmp_path)
+    d = build_data(cfg_of(tmp_path), 0)
+    whole = take(d.train_batches(4, 2, 9), 7)
+    resumed = take(d.train_batches(4, 2, 9, start=4, workers=2), 3)
+    for (xa, ya), (xb, yb) in zip(whole[4:], resumed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # flips included
+
+
 def test_batch_shape_errors_explain_p_by_k(tmp_path):
     write_folder(tmp_path)
     d = build_data(cfg_of(tmp_path), 0)

@@ -89,7 +89,8 @@ def decode(data, size: int, channels: int, name: str) -> np.ndarray:
     try:
         with Image.open(data) as im:
             im.draft(mode, (size, size))  # JPEG: decode at a reduced DCT scale ≥ size
-            im = im.convert(mode)
+            if im.mode != mode:
+                im = im.convert(mode)
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             a = np.asarray(im, dtype=np.uint8)

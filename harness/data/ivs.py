@@ -128,14 +128,15 @@ class IvSData:
         first where the identity has one (`PairBatchSampler`, epoch after epoch).
 
         Deterministic given `seed` (the sampler's generator is `torch.Generator().manual_seed(
-        seed)`; flips come from a second stream of the seed), and the same batches whatever
-        `workers` is. Streaming kinds decode in a `DataLoader` with `workers` processes (0 = in
-        this process), `pin_memory` (ignored without CUDA) and prefetch; a horizontal flip is
-        applied at random to training images when the source says so (`data.flip`).
+        seed)`; flips of batch b come from a stream seeded by (seed, b)), and the same batches
+        whatever `workers` is. Streaming kinds decode in a `DataLoader` with `workers` processes
+        (0 = in this process), `pin_memory` (ignored without CUDA) and prefetch; a horizontal
+        flip is applied at random to training images when the source says so (`data.flip`).
         In-memory kinds index their tensors (`workers` unused).
 
         `start` skips the first `start` batches at the index level, without decoding them (a
-        trial resumed from a checkpoint continues with the batch it would have drawn next).
+        trial resumed from a checkpoint continues with the batch it would have drawn next, flips
+        included: the flips of batch b are drawn from a generator seeded by (seed, b)).
 
         Raises ValueError (at the call, before any batch) when n is not a positive multiple of
         k, or fewer than P training identities have ≥ k samples.
@@ -152,7 +153,9 @@ class IvSData:
 
         labels = self.train.labels
         if self.source is not None:
-            return self.source.train_batches(epochs(), labels, seed, workers, pin_memory)
+            return self.source.train_batches(
+                epochs(), labels, seed, workers, pin_memory, start=start
+            )
         x = self.train.x
         assert x is not None
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 PREFETCH = 4  # batches prefetched per worker
 
@@ -106,7 +106,7 @@ class StreamSource:
     """A store and the rows (np.int64 arrays of store rows) of the training samples (aligned
     with `Split.labels`) and of the two test sides. `flip`: training-time horizontal flip.
     `on_bad`: "error" (a sample that fails to read raises `BadSample` naming the file) or
-    "skip" (it is fed as a blank sample, all zeros)."""
+    "skip" (it is fed as a blank sample: all zeros, i.e. a black image)."""
 
     store: Store
     train_rows: np.ndarray
@@ -117,13 +117,11 @@ class StreamSource:
 
     def take(self, rows: np.ndarray) -> torch.Tensor:
         """float32 (len(rows), *input_shape) decoded in this process, unflipped."""
-        ds = _RowsDataset(self.store, self.on_bad)
         if isinstance(self.store, ArrayStore):
             return torch.from_numpy(self.store.read_rows(rows))
-        out = np.empty((len(rows), *self.store.input_shape), dtype=np.float32)
-        for i, r in enumerate(np.asarray(rows)):
-            out[i] = ds.sample(int(r), False)
-        return torch.from_numpy(out)
+        ds = _RowsDataset(self.store, self.on_bad)
+        x, _ = _collate([ds[(int(r), 0, False)] for r in np.asarray(rows)])
+        return x
 
     def blocks(self, rows: np.ndarray, block: int, workers: int = 0) -> Iterator[torch.Tensor]:
         """float32 blocks of up to `block` samples of `rows`, in order, unflipped; decoded by
@@ -136,7 +134,7 @@ class StreamSource:
         spans = [
             [(int(r), 0, False) for r in rows[s : s + block]] for s in range(0, len(rows), block)
         ]
-        loader = _loader(self.store, self.on_bad, spans, workers, False, torch.Generator())
+        loader = _loader(self.store, self.on_bad, spans, workers, torch.Generator())
         for x, _ in loader:
             yield x
 
@@ -147,16 +145,22 @@ class StreamSource:
         seed: int,
         workers: int,
         pin_memory: bool,
+        start: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) for each batch of training positions from `index_batches` (endless)."""
-        flip_gen = torch.Generator().manual_seed(_stream_seed(seed, 1))
+        """(x, y) for each batch of training positions from `index_batches` (endless), whose
+        first batch is batch number `start` of the run: the flips of batch b are drawn from a
+        generator seeded by (seed, b), so a resumed run flips as the uninterrupted one.
+
+        Workers decode, flip, and convert a whole batch to float32 in shared memory (`_collate`);
+        this process only receives it (and pins it when asked and CUDA is there)."""
         rows, lab = self.train_rows, labels.numpy()
 
         def items() -> Iterator[list[tuple[int, int, bool]]]:
-            for idx in index_batches:
+            for b, idx in enumerate(index_batches, start):
                 pos = idx.numpy()
                 if self.flip and self.store.images:
-                    flips = (torch.rand(len(pos), generator=flip_gen) < 0.5).tolist()
+                    gen = torch.Generator().manual_seed(_stream_seed(seed, 1, b))
+                    flips = (torch.rand(len(pos), generator=gen) < 0.5).tolist()
                 else:
                     flips = [False] * len(pos)
                 yield [
@@ -170,18 +174,19 @@ class StreamSource:
                 yield _pin(x, pin_memory), _pin(labels[idx], pin_memory)
             return
         gen = torch.Generator().manual_seed(_stream_seed(seed, 2))
-        loader = _loader(self.store, self.on_bad, items(), workers, pin_memory, gen)
+        loader = _loader(self.store, self.on_bad, items(), workers, gen)
         it = iter(loader)
         try:
-            yield from it
+            for x, y in it:
+                yield _pin(x, pin_memory), _pin(y, pin_memory)
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
 
 
-def _stream_seed(seed: int, stream: int) -> int:
-    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+def _stream_seed(seed: int, *stream: int) -> int:
+    state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(1))
 
 
@@ -190,46 +195,60 @@ def _pin(x: torch.Tensor, pin: bool) -> torch.Tensor:
 
 
 class _RowsDataset(Dataset):
-    """Map-style dataset over a store; an item is (row, label, flip) → (float32 sample, label)."""
+    """Map-style dataset over a store; an item (row, label, flip) gives (the sample as the store
+    reads it — uint8 pixels for images —, mirrored when `flip`, label). A sample that cannot be
+    read raises `BadSample` ("error") or is replaced by zeros ("skip": a black image)."""
 
     def __init__(self, store: Store, on_bad: str):
         self.store, self.on_bad = store, on_bad
 
-    def sample(self, row: int, flip: bool) -> np.ndarray:
+    def __getitem__(self, item: tuple[int, int, bool]) -> tuple[np.ndarray, int]:
+        row, label, flip = item
         try:
             a = self.store.read(row)
         except BadSample:
             if self.on_bad == "error":
                 raise
-            return np.zeros(self.store.input_shape, dtype=np.float32)
-        x = self.store.to_float(a)
-        return np.ascontiguousarray(x[..., ::-1]) if flip else x
-
-    def __getitem__(self, item: tuple[int, int, bool]) -> tuple[torch.Tensor, int]:
-        row, label, flip = item
-        return torch.from_numpy(self.sample(row, flip)), label
+            a = np.zeros(
+                self.store.input_shape, dtype=np.uint8 if self.store.images else np.float32
+            )
+        return (a[..., ::-1] if flip else a), label
 
     def __len__(self) -> int:
         return len(self.store)
 
 
+def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x float32 (B, *shape), y int64 (B,)) of dataset items. Pixels are converted in one
+    pass per image into the batch (no per-sample tensors: torch.stack of strided per-sample
+    tensors is far slower), then normalised in place, x = (p/255 − 0.5)/0.5 — the same float32
+    operations as `Store.to_float`, so bit-equal to it. In a worker the batch is allocated in
+    shared memory, so handing it to the main process copies nothing."""
+    first = items[0][0]
+    t = torch.empty((len(items), *first.shape), dtype=torch.float32)
+    if get_worker_info() is not None:
+        t.share_memory_()
+    out = t.numpy()
+    for i, (a, _) in enumerate(items):
+        out[i] = a
+    if first.dtype == np.uint8:
+        out /= 255.0
+        out -= 0.5
+        out /= 0.5
+    y = np.fromiter((label for _, label in items), dtype=np.int64, count=len(items))
+    return t, torch.from_numpy(y)
+
+
 def _loader(
-    store: Store,
-    on_bad: str,
-    batch_sampler,
-    workers: int,
-    pin_memory: bool,
-    generator: torch.Generator,
-    worker_init_fn: Callable[[int], None] | None = None,
+    store: Store, on_bad: str, batch_sampler, workers: int, generator: torch.Generator
 ) -> DataLoader:
     return DataLoader(
         _RowsDataset(store, on_bad),
         batch_sampler=batch_sampler,
         num_workers=workers,
-        pin_memory=pin_memory and torch.cuda.is_available(),
+        collate_fn=_collate,
         prefetch_factor=PREFETCH if workers > 0 else None,
         generator=generator,  # the loader's base seed comes from here, not the global RNG
-        worker_init_fn=worker_init_fn,
     )
 
 
