@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -87,8 +88,14 @@ def new_run_id() -> str:
 
 
 def _check_root(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise RunDirError(f"results directory {root} is not a directory")
+    """The results root is a directory or does not exist yet (any OS error: `RunDirError`)."""
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            raise RunDirError(f"results directory {root} is not a directory")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise dir_error("cannot use the results directory", root, exc) from None
 
 
 class RunDir:
@@ -110,9 +117,9 @@ class RunDir:
         """A new, empty run directory `root/suite/run_id` (fails if it exists)."""
         run_id = check_run_id(new_run_id() if run_id is None else run_id)
         _check_root(root)
-        check_inside(root, root / suite / run_id)
         path = root / suite / run_id
         check_no_symlinks(root, path)
+        check_inside(root, path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
@@ -133,8 +140,8 @@ class RunDir:
         (`start` in its run.json; a run whose run.json is unreadable counts by its mtime)."""
         _check_root(root)
         suite_dir = root / suite
-        check_inside(root, suite_dir)
         check_no_symlinks(root, suite_dir)
+        check_inside(root, suite_dir)
         if run_id is not None:
             path = suite_dir / check_run_id(run_id)
             check_no_symlinks(root, path)
@@ -142,10 +149,12 @@ class RunDir:
                 raise RunDirError(f"no run {run_id!r} of suite {suite!r} under {root}")
             return cls(path, root)
         runs = [p.parent for p in suite_dir.glob("*/run.json")] if suite_dir.is_dir() else []
-        runs = [p for p in runs if not p.is_symlink() and (p / "run.json").is_file()]
+        runs = [p for p in runs if (p / "run.json").is_file()]
         if not runs:
             raise RunDirError(f"no earlier run of suite {suite!r} under {root} to resume")
-        return cls(max(runs, key=start_time), root)
+        latest = max(runs, key=start_time)
+        check_no_symlinks(root, latest)
+        return cls(latest, root)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
