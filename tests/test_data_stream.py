@@ -209,3 +209,40 @@ def test_validation_is_cheap_and_names_the_key(tmp_path):
     t0 = time.perf_counter()
     validate_data({"kind": "image_folder", "path": str(tmp_path)})  # nothing is listed
     assert time.perf_counter() - t0 < 0.5
+
+
+def test_shipped_faces_folder_suite(tmp_path):
+    """suites/faces_folder.toml: refused until `data.path` is set, naming the key; valid once
+    it points at a folder; its trial runs on a tiny folder (smaller model and input)."""
+    from pathlib import Path
+
+    from harness.suite import SuiteError, load_suite, parse_suite
+    from harness.trial import run_trial
+
+    shipped = Path(__file__).resolve().parents[1] / "suites" / "faces_folder.toml"
+    with pytest.raises(SuiteError, match=r"faces_folder\.toml: .*data\.path is required"):
+        load_suite(shipped)
+    root = tmp_path / "faces"
+    write_folder(root, per_id=(3,) * 12)
+    text = (
+        shipped.read_text()
+        .replace('path = ""', f'path = "{root}"')
+        .replace("far = [1e-2, 1e-3, 1e-4]", "far = [0.5]")  # a 12-identity folder: few pairs
+        .replace("test_fraction = 0.05", "test_fraction = 0.25")
+    )
+    suite = parse_suite(text, path="faces_folder.toml")
+    assert len(suite.trials) == 5 and suite.trials[0].data.params()["cache"] == "uint8"
+    tiny = (
+        text.replace('kind = "iresnet18"', 'kind = "cnn_small"\nwidth = 4')
+        .replace("image_size = 112", f'image_size = 16\ncache_dir = "{tmp_path / "cache"}"')
+        .replace("embedding = 512", "embedding = 8")
+        .replace("steps = 20000", "steps = 2")
+        .replace("batch = 128", "batch = 8")
+        .replace("lr_warmup = 500", "lr_warmup = 0")
+        .replace("checkpoint_every = 2000", "checkpoint_every = 0")
+        .replace('precision = "bf16"', 'precision = "fp32"')
+        .replace('device = "auto"', 'device = "cpu"')
+        .replace('workers = "auto"', "workers = 0")
+    )
+    row, _ = run_trial(parse_suite(tiny).trials[0])
+    assert row["bad_images"] == 0 and 0.0 <= row["tar@5e-1"] <= 1.0
