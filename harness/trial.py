@@ -21,7 +21,7 @@ from harness.checkpoint import load_init
 from harness.config import TrialConfig
 from harness.data import IvSData
 from harness.data.verification_sets import evaluate_bin
-from harness.metrics import ivs_verification
+from harness.ivs_eval import ivs_verification
 from harness.records import (
     NonFiniteLoss,
     Status,

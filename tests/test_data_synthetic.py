@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from harness.data import DATA_KINDS, build_data
 from harness.data.synthetic import CHUNK, SyntheticIvS
-from harness.metrics import ivs_verification
+from harness.ivs_eval import ivs_verification
 
 SMALL = {"identities": 300, "test_identities": 200, "dim": 16, "lookalike_groups": 20}
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.metrics import ivs_verification
+from harness.ivs_eval import ivs_verification
 from mining import negatives  # `negatives.hardest_negatives` looked up per call: patchable
 from mining.heads import HEADS, make_head
 from mining.memory import CrossBatchMemory

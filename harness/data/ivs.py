@@ -63,7 +63,7 @@ class IvSData:
     labels, any number per identity. `test_symmetric` (needs labels): the two sides are the same
     samples (test_spot_x is test_id_x) and each unordered pair {i, j}, i < j, is one pair — no
     self-pairs (the "all_pairs" protocol). These three fields are passed as they are to
-    `harness.metrics.ivs_verification`. num_classes = number of training identities.
+    `harness.ivs_eval.ivs_verification`. num_classes = number of training identities.
     `quality`: data-quality counts (`QUALITY_KEYS`, ints) meant as row columns; `info` holds
     other counts worth reporting, never anything needed to train.
     """

@@ -17,7 +17,7 @@ import pytest
 
 SCRIPT = r"""
 import json, resource, time, torch
-from harness.metrics import ivs_verification
+from harness.ivs_eval import ivs_verification
 n, d = {n}, 128
 g = torch.Generator().manual_seed(0)
 a = torch.randn(n, d, generator=g)
