@@ -1,6 +1,8 @@
 """`hembench` — the command-line entry point (typer).
 
-Exit codes: 0 ok, 1 a trial failed or a regression was found, 2 bad input.
+Exit codes: 0 ok, 1 a trial failed or a regression was found, 2 bad input (one `error:` line
+per problem on stderr, never a traceback), 130 interrupted. Commands parse, call and print; what
+they print is built in `cli_show` and `report`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness import __version__, cli_perf, report
-from harness.config import estimated_extra_mib
+from harness import __version__, cli_perf, cli_show, report
+from harness.config import SuiteFile
 from harness.envinfo import collect_env
 from harness.executors import EXECUTORS
-from harness.records import trial_label
 from harness.results import RunDirError, load_run
 from harness.runner import RunInputError, run_suite
-from harness.suite import Suite, SuiteError, load_suite, trial_id
+from harness.suite import MAX_TRIALS, Suite, SuiteError, load_suite
 
 # Every module above is torch-free at import (tests/test_architecture.py): `show`, `plan` and
 # `--help` answer in well under a second; torch loads when a suite is checked or a trial runs.
@@ -39,9 +40,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    cls=cli_show.OneLineErrors,  # usage errors: one `error:` line, not a boxed panel
+    pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _version_callback(value: bool) -> None:
@@ -99,59 +101,74 @@ def env(
 SUITE_ARG = typer.Argument(
     ..., help="Suite file (TOML), e.g. suites/smoke.toml.", show_default=False
 )
+MAX_TRIALS_OPT = typer.Option(
+    MAX_TRIALS, "--max-trials", min=1, help="Refuse suites that expand to more trials than this."
+)
 
 
 def _fail(problems: list[str]) -> NoReturn:
-    """Print input problems (one per line, no traceback) and exit 2."""
+    """Print input problems (one `error:` line each, no traceback) and exit 2."""
     for p in problems:
-        err_console.print(f"error: {p}", markup=False, highlight=False, soft_wrap=True)
+        cli_show.error(p)
     raise typer.Exit(2)
 
 
-def _load(path: Path, device: str | None = None) -> Suite:
+def _load(path: Path, device: str | None = None, max_trials: int = MAX_TRIALS) -> Suite:
     try:
-        return load_suite(path, device=device)
+        return load_suite(path, device=device, max_trials=max_trials)
     except SuiteError as exc:
         _fail(exc.problems)
 
 
 @app.command()
-def validate(suite: Path = SUITE_ARG) -> None:
-    """Validate a suite file and run nothing: exit 0 if valid, 2 with one message per problem.
+def validate(suite: Path = SUITE_ARG, max_trials: int = MAX_TRIALS_OPT) -> None:
+    """Validate a suite file and run nothing: exit 0 if valid, 2 with one line per problem.
+
+    Checks the schema, library names and parameters, data paths, FARs the test set cannot
+    measure and the grid size (docs/suites.md, "What validate checks").
 
     Example: `hembench validate suites/ivs_ablation.toml`
     """
-    s = _load(suite)
+    s = _load(suite, max_trials=max_trials)
     typer.echo(f"{suite}: ok ({len(s.trials)} trials)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of a suite file (for editor completion; reference: docs/suites.md).
+
+    Example: `hembench schema > suite.schema.json`
+    """
+    typer.echo(json.dumps(SuiteFile.model_json_schema(), indent=2, ensure_ascii=False))
 
 
 @app.command()
 def plan(
     suite: Path = SUITE_ARG,
     device: str | None = typer.Option(None, help="Override train.device: auto, cpu or cuda."),
+    jobs: int = typer.Option(1, min=1, help="Concurrent trials you will run with (threads check)."),
+    max_trials: int = MAX_TRIALS_OPT,
 ) -> None:
-    """Validate a suite and print its expanded grid (trial ids, configs, estimated extra memory).
+    """Validate a suite and print its expanded grid, one row per trial.
 
-    Example: `hembench plan suites/ivs_ablation.toml`
+    Columns: trial id, seed, method, memory, virtual batch N, variant (the other swept values
+    that tell trials apart), per-trial timeout and estimated extra memory. Warns when explicit
+    train.threads × --jobs asks for more threads than there are cores.
+
+    Example: `hembench plan suites/ivs_ablation.toml --jobs 2`
     """
-    s = _load(suite, device)
-    table = Table(title=f"suite {s.name}: {len(s.trials)} trials")
-    for col in ("#", "trial id", "seed", "method", "memory", "virtual batch", "est. extra MiB"):
-        table.add_column(col, justify="right" if col != "method" else "left")
-    for i, t in enumerate(s.trials):
-        table.add_row(
-            str(i),
-            trial_id(t),
-            str(t.seed),
-            trial_label(t),
-            str(t.method.memory),
-            str(t.virtual_batch),
-            f"{estimated_extra_mib(t):.1f}",
-        )
-    console.print(table)
-    console.print(
-        "est. extra MiB = CB-HEM memory bank + PLB representation cache; activations excluded."
+    s = _load(suite, device, max_trials)
+    title = f"suite {s.name}: {len(s.trials)} trials"
+    report.print_table(
+        console, title, cli_show.PLAN_HEADER, cli_show.plan_rows(s), ("method", "variant")
     )
+    console.print(
+        "est. extra MiB = CB-HEM memory bank + PLB representation cache; activations excluded.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if warning := cli_show.oversubscription(s, jobs):
+        cli_show.err_console.print(warning, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -186,11 +203,14 @@ def run(
         help="Run trials in this process (debugging; timeouts only between steps).",
     ),
     timeout: float | None = typer.Option(
-        None, min=0.001, help="Per-trial timeout in seconds (overrides suite.timeout_s)."
+        None,
+        min=0.001,
+        help="Per-trial timeout in seconds (overrides suite.timeout_s; inf = none).",
     ),
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress output, only the summary."
     ),
+    max_trials: int = MAX_TRIALS_OPT,
 ) -> None:
     """Run every trial of a suite and write one Parquet file per trial.
 
@@ -203,7 +223,7 @@ def run(
     """
     if executor not in EXECUTORS:
         _fail([f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}"])
-    s = _load(suite, device)
+    s = _load(suite, device, max_trials)
     try:
         result = run_suite(
             s, results_dir, console, resume=resume, run_id=run_id, executor=executor,
@@ -211,7 +231,9 @@ def run(
         )  # fmt: skip
     except (RunDirError, RunInputError) as exc:
         _fail([str(exc)])
-    console.print(report.summary_table(load_run(result.run_dir.path)))
+    frame = load_run(result.run_dir.path)
+    left = ("trial", "method", "variant", "status", "error")
+    report.print_table(console, f"{frame.height} trials", *report.trial_rows(frame), left)
     console.print(f"results: {result.run_dir.path}", highlight=False)
     if not result.all_ok:
         raise typer.Exit(1)
@@ -220,14 +242,20 @@ def run(
 # --- reading runs: show / plot -----------------------------------------------------------------
 
 RUN_ARG = typer.Argument(
-    ..., help="A run directory, e.g. results/smoke/<run_id>.", show_default=False
+    ...,
+    help="A run directory (results/smoke/<run_id>), or with --latest a suite's directory "
+    "(results/smoke) or name (smoke).",
+    show_default=False,
 )
+LATEST_OPT = typer.Option(False, "--latest", help="The run of that suite that started last.")
+ROOT_OPT = typer.Option(Path("results"), help="Where --latest looks for a suite given by name.")
 
 
-def _load_run(run_dir: Path) -> pl.DataFrame:
+def _load_run(run_dir: Path, latest: bool, results_dir: Path) -> tuple[Path, pl.DataFrame]:
     try:
-        return load_run(run_dir)
-    except RunDirError as exc:
+        path = cli_show.find_run(run_dir, latest, results_dir)
+        return path, load_run(path)
+    except (RunDirError, ValueError) as exc:
         _fail([str(exc)])
 
 
@@ -238,18 +266,25 @@ def show(
     far: float | None = typer.Option(
         None, help="FAR of the TAR column (default: 1e-3 if evaluated, else the lowest)."
     ),
+    raw: bool = typer.Option(False, "--raw", help="One row per trial instead of the pivots."),
+    latest: bool = LATEST_OPT,
+    results_dir: Path = ROOT_OPT,
 ) -> None:
-    """Summarise a run: memory × virtual batch pivots of TAR@FAR, peak MiB and samples/s,
-    mean ± 95% CI over seeds and Δ vs the suite's baseline.
+    """Summarise a run: pivots of TAR@FAR, peak MiB and samples/s over seeds.
 
-    Examples: `hembench show results/smoke/<run_id>`,
-    `hembench show results/ivs_ablation/<run_id> --format csv > grid.csv`
+    Memory × virtual batch pivots with n seeds, mean ± 95% CI (clipped to the metric's range)
+    and Δ vs the suite's baseline; then the errors of the trials that are not ok.
+
+    Examples: `hembench show results/smoke --latest`,
+    `hembench show results/ivs_ablation/<run_id> --format csv > grid.csv`, `... --raw`
     """
     if fmt not in report.FORMATS:
         _fail([f"--format must be one of {', '.join(report.FORMATS)}; got {fmt!r}"])
-    frame = _load_run(run_dir)
+    path, frame = _load_run(run_dir, latest, results_dir)
+    if latest and fmt in ("table", "markdown"):
+        console.print(f"run {path}", highlight=False)
     try:
-        report.show(frame, fmt, far, console)
+        report.show(frame, fmt, far, console, raw=raw)
     except ValueError as exc:
         _fail([str(exc)])
 
@@ -259,14 +294,18 @@ def plot(
     run_dir: Path = RUN_ARG,
     out: Path | None = typer.Option(None, help="Directory for the PNGs (default: RUN_DIR/plots)."),
     far: float | None = typer.Option(None, help="FAR of the accuracy plot (default as in show)."),
+    latest: bool = LATEST_OPT,
+    results_dir: Path = ROOT_OPT,
 ) -> None:
     """Write PNG plots: accuracy vs memory size, peak memory vs virtual batch, throughput vs memory.
 
     Example: `hembench plot results/ivs_ablation/<run_id> --out figs/`
     """
-    frame = _load_run(run_dir)
+    from harness.plots import plot as plot_run  # matplotlib: only when plotting
+
+    path, frame = _load_run(run_dir, latest, results_dir)
     try:
-        paths = report.plot(frame, out or run_dir / "plots", far)
+        paths = plot_run(frame, out or path / "plots", far)
     except ValueError as exc:
         _fail([str(exc)])
     for p in paths:

@@ -1,9 +1,15 @@
-"""Reading a run: aggregation over seeds, pivots, rich/markdown/csv/json output, PNG plots.
+"""Reading a run: aggregation over seeds, pivots, per-trial rows, rich/markdown/csv/json output
+(plots: `harness.plots`).
 
 Aggregation (`aggregate`): ok trials are grouped by configuration — method, memory size, virtual
 batch, plus any other config column that varies within the run — and each metric gets
-mean, 95% CI half-width t_{0.975, n−1}·sd/√n (null for n < 2), n, and Δ = mean − mean of the
-suite's baseline configuration (the rows with `is_baseline`). Groups are sorted explicitly.
+mean, 95% CI half-width t_{0.975, n−1}·sd/√n (null for n < 2), n, the CI's bounds clipped to
+the metric's range (`<m>_lo`, `<m>_hi`: TAR, EER and AUC lie in [0, 1], so two seeds never read
+`0.625 ± 1.588`), and Δ = mean − mean of the suite's baseline configuration (the rows with
+`is_baseline`). Groups are sorted explicitly.
+
+Tables are never truncated (`print_table`): wider than the terminal they become one line of
+`column=value` per row, off a terminal (CI logs, pipes) they are printed at their full width.
 
 Metrics: `tar@<far>` (one FAR, see `pick_far`), `peak_mib` (torch peak allocated on CUDA, peak
 RSS on CPU: whichever the trial has), `samples_per_s`, `eer`, `auc`.
@@ -11,13 +17,15 @@ RSS on CPU: whichever the trial has), `samples_per_s`, `eer`, `auc`.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from harness.records import far_key, metric_info
@@ -71,6 +79,14 @@ _T975 = (
 )
 
 
+#: (column pattern, lowest, highest value) of metrics with a bounded range; CIs are clipped to it
+RANGES = (("tar@*", 0.0, 1.0), ("auc", 0.0, 1.0), ("eer", 0.0, 1.0), ("*", 0.0, math.inf))
+
+
+def metric_range(column: str) -> tuple[float, float]:
+    return next((lo, hi) for pat, lo, hi in RANGES if fnmatch.fnmatchcase(column, pat))
+
+
 def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else 1.96
 
@@ -120,7 +136,8 @@ def with_variant(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def aggregate(frame: pl.DataFrame, far: float | None = None) -> pl.DataFrame:
-    """One row per configuration: keys, `n`, `<metric>_mean`, `<metric>_ci95`, `<metric>_delta`."""
+    """One row per configuration: keys, `n`, `<metric>_mean`, `<metric>_ci95` (half-width),
+    `<metric>_lo` / `_hi` (the CI clipped to the metric's range), `<metric>_delta`."""
     frame = with_variant(frame)
     keys = group_keys(frame)
     metrics = metric_names(frame, far)
@@ -159,7 +176,15 @@ def aggregate(frame: pl.DataFrame, far: float | None = None) -> pl.DataFrame:
             for m in metrics
         ],
     )
-    return out.drop([f"{m}_sd" for m in metrics])
+    bounds = []
+    for m in metrics:
+        lo, hi = metric_range(m)
+        mean, ci = pl.col(f"{m}_mean"), pl.col(f"{m}_ci95")
+        bounds += [
+            (mean - ci).clip(lo, hi).alias(f"{m}_lo"),
+            (mean + ci).clip(lo, None if math.isinf(hi) else hi).alias(f"{m}_hi"),
+        ]
+    return out.with_columns(bounds).drop([f"{m}_sd" for m in metrics])
 
 
 def _cell(row: dict[str, Any], m: str) -> str:
@@ -169,8 +194,12 @@ def _cell(row: dict[str, Any], m: str) -> str:
     info = metric_info(m)
     digits = info.digits if info else 3
     text = f"{mean:.{digits}f}"
-    if row.get(f"{m}_ci95") is not None:
-        text += f" ± {row[f'{m}_ci95']:.{digits}f}"
+    ci, lo, hi = row.get(f"{m}_ci95"), row.get(f"{m}_lo"), row.get(f"{m}_hi")
+    if ci is not None and lo is not None and hi is not None:
+        if math.isclose(hi - lo, 2 * ci, rel_tol=1e-9, abs_tol=1e-12):
+            text += f" ± {ci:.{digits}f}"
+        else:  # clipped to the metric's range: the interval itself
+            text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
     delta = row.get(f"{m}_delta")
     if delta is not None and not row["is_baseline"]:
         text += f" ({delta:+.{digits}f})"
@@ -179,174 +208,160 @@ def _cell(row: dict[str, Any], m: str) -> str:
 
 def pivots(agg: pl.DataFrame, metrics: list[str]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) per metric: rows = configuration minus virtual batch, columns =
-    virtual batch sizes, cells = "mean ± ci95 (Δ vs baseline)"."""
+    `n` (seeds per cell: "3", or "2–3" when the cells of a row differ) and the virtual batch
+    sizes, cells = "mean ± ci95 (Δ vs baseline)" or "mean [lo, hi] (Δ)" when the CI is clipped."""
     row_keys = [k for k in agg.columns if k in (*AXES, *_OPTIONAL_KEYS) and k != "virtual_batch"]
     vbs = sorted(agg["virtual_batch"].unique().drop_nulls().to_list())
-    header = [*row_keys, *[f"N={v}" for v in vbs]]
+    header = [*row_keys, "n", *[f"N={v}" for v in vbs]]
+    ns: dict[tuple, list[int]] = {}
+    for row in agg.iter_rows(named=True):
+        ns.setdefault(tuple(row[k] for k in row_keys), []).append(row["n"])
     out = []
     for m in metrics:
         cells: dict[tuple, dict[int, str]] = {}
         for row in agg.iter_rows(named=True):
-            cells.setdefault(tuple(row[k] for k in row_keys), {})[row["virtual_batch"]] = _cell(
-                row, m
-            )
-        rows = [[*map(str, key), *[by_vb.get(v, "") for v in vbs]] for key, by_vb in cells.items()]
+            key = tuple(row[k] for k in row_keys)
+            cells.setdefault(key, {})[row["virtual_batch"]] = _cell(row, m)
+        rows = [
+            [*map(str, key), _n_text(ns[key]), *[by_vb.get(v, "") for v in vbs]]
+            for key, by_vb in cells.items()
+        ]
         out.append((m, header, rows))
     return out
 
 
-def show(frame: pl.DataFrame, fmt: str, far: float | None, console: Console) -> None:
-    """Print the run summary in `fmt` (one of FORMATS) to `console`."""
+def _n_text(ns: list[int]) -> str:
+    return str(ns[0]) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}"
+
+
+def show(
+    frame: pl.DataFrame, fmt: str, far: float | None, console: Console, raw: bool = False
+) -> None:
+    """Print the run summary in `fmt` (one of FORMATS) to `console`: the pivots, or with `raw`
+    one row per trial; in table and markdown, the errors of the trials that are not ok."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    agg = aggregate(frame, far)
-    if fmt == "csv":
-        console.out(agg.write_csv(), end="")
+    if raw and fmt in ("csv", "json"):
+        raw_frame = with_variant(frame)
+        console.out(raw_frame.write_csv() if fmt == "csv" else raw_frame.write_json(), end="")
         return
-    if fmt == "json":
-        console.out(agg.write_json(), end="\n")
+    agg = aggregate(frame, far)
+    if fmt in ("csv", "json"):
+        console.out(agg.write_csv() if fmt == "csv" else agg.write_json() + "\n", end="")
         return
     titles = {"peak_mib": "peak MiB", "samples_per_s": "samples/s"}
-    metrics = metric_names(frame, far)[:3]
-    for m, header, rows in pivots(agg, metrics):
+    tables = [(f"{frame.height} trials", *trial_rows(frame, far))] if raw else []
+    for m, header, rows in [] if raw else pivots(agg, metric_names(frame, far)[:3]):
         name = titles.get(m, m.replace("tar@", "TAR@"))
-        title = f"{name} — mean ± 95% CI over seeds (Δ vs baseline)"
+        tables.append((f"{name} — mean ± 95% CI over seeds (Δ vs baseline)", header, rows))
+    for title, header, rows in tables:
         if fmt == "markdown":
             console.out(f"\n### {title}\n")
             console.out("| " + " | ".join(header) + " |")
             console.out("|" + "---|" * len(header))
             for r in rows:
-                console.out("| " + " | ".join(r) + " |")
+                console.out("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
         else:
-            table = Table(title=title)
-            for h in header:
-                table.add_column(h, justify="left" if h == "method" else "right")
-            for r in rows:
-                table.add_row(*r)
-            console.print(table)
+            print_table(console, title, header, rows, left=("trial", "method", "status", "error"))
+    if not raw:
+        print_errors(console, frame)
+
+
+def print_errors(console: Console, frame: pl.DataFrame) -> None:
+    """The trials that are not ok: counts by status, then one line per trial with its error."""
     not_ok = frame.filter(pl.col("status") != "ok")
-    if not_ok.height:
-        counts = ", ".join(
-            f"{s}: {n}" for s, n in not_ok.group_by("status").len().sort("status").iter_rows()
-        )
-        console.out(f"\nnot ok trials (excluded above): {counts}")
-
-
-def summary_table(frame: pl.DataFrame) -> Table:
-    """One line per trial: id, config, status, throughput, peak memory, TAR, time."""
-    tar = pick_far(frame, None)
-    table = Table(title=f"{frame.height} trials")
-    for col in (
-        "trial",
-        "method",
-        "memory",
-        "N",
-        "seed",
-        "status",
-        "samples/s",
-        "peak MiB",
-        tar,
-        "time s",
-    ):
-        table.add_column(col, justify="left" if col in ("trial", "method", "status") else "right")
-    frame = frame.with_columns(
-        pl.coalesce(pl.col("peak_alloc_mib"), pl.col("peak_rss_mib")).alias("peak_mib")
+    if not not_ok.height:
+        return
+    counts = ", ".join(
+        f"{s}: {n}" for s, n in not_ok.group_by("status").len().sort("status").iter_rows()
     )
-
-    def fmt(v: Any, digits: int) -> str:
-        return "—" if v is None else f"{v:.{digits}f}"
-
-    for r in frame.iter_rows(named=True):
-        status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/red]"
-        table.add_row(
-            r["trial_id"],
-            r["method"],
-            str(r["memory"]),
-            str(r["virtual_batch"]),
-            str(r["seed"]),
-            status,
-            fmt(r["samples_per_s"], 0),
-            fmt(r["peak_mib"], 0),
-            fmt(r[tar], 3),
-            fmt(r["train_time_s"], 1),
-        )
-    return table
+    console.out(f"\nnot ok trials (excluded above): {counts}")
+    for r in not_ok.iter_rows(named=True):
+        error = _first_line(r.get("error")) or "(no error recorded)"
+        console.out(f"  {r.get('trial_id')} {r['status']} {r.get('method') or ''}: {error}")
 
 
-def plot(frame: pl.DataFrame, out_dir: Path, far: float | None = None) -> list[Path]:
-    """Write accuracy_vs_memory.png, peak_memory_vs_virtual_batch.png, throughput_vs_memory.png.
+def _first_line(text: str | None, limit: int = 300) -> str:
+    """The last non-empty line of an error (a traceback's last line names the exception)."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
-    Lines are configurations (method and the other axis), points are means, error bars 95% CIs.
-    Memory uses a symlog x axis (0 = in-batch mining stays visible); virtual batch a log2 axis.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display needed on servers and CI
-    import matplotlib.pyplot as plt
+# --- per-trial rows ------------------------------------------------------------------------------
 
-    agg = aggregate(frame, far)
-    if agg.height == 0:
-        raise ValueError("no ok trials to plot")
+
+def trial_rows(frame: pl.DataFrame, far: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per trial — id, configuration, seed, status, metrics, time,
+    error (its last line) — for the run summary and `show --raw`."""
     tar = pick_far(frame, far)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [
-        (
-            "accuracy_vs_memory.png",
-            "memory",
-            "virtual_batch",
-            tar,
-            tar.replace("tar@", "TAR@") + " (held-out IvS pairs)",
-            "accuracy vs CB-HEM memory size",
-        ),
-        (
-            "peak_memory_vs_virtual_batch.png",
-            "virtual_batch",
-            "memory",
-            "peak_mib",
-            "peak memory (MiB; torch allocator on CUDA, RSS on CPU)",
-            "peak memory vs virtual batch",
-        ),
-        (
-            "throughput_vs_memory.png",
-            "memory",
-            "virtual_batch",
-            "samples_per_s",
-            "throughput (samples/s)",
-            "throughput vs CB-HEM memory size",
-        ),
-    ]
-    paths = []
-    for name, x, series, metric, ylabel, title in specs:
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        label_key = "M" if series == "memory" else "N"
-        for keys, part in agg.sort(x).group_by(["method", series], maintain_order=True):
-            part = part.filter(pl.col(f"{metric}_mean").is_not_null())
-            if part.height == 0:
-                continue
-            yerr = part[f"{metric}_ci95"].fill_null(0).to_numpy()
-            ax.errorbar(
-                part[x].to_numpy(),
-                part[f"{metric}_mean"].to_numpy(),
-                yerr=yerr,
-                marker="o",
-                capsize=3,
-                label=f"{keys[0]}, {label_key}={keys[1]}",
+    frame = with_variant(frame)
+    if "peak_alloc_mib" in frame.columns and "peak_rss_mib" in frame.columns:
+        frame = frame.with_columns(
+            pl.coalesce(pl.col("peak_alloc_mib"), pl.col("peak_rss_mib")).alias("peak_mib")
+        )
+    cols = [
+        ("trial", "trial_id", None), ("method", "method", None), ("memory", "memory", None),
+        ("N", "virtual_batch", None), ("variant", "variant", None), ("seed", "seed", None),
+        ("status", "status", None), ("samples/s", "samples_per_s", "samples_per_s"),
+        ("peak MiB", "peak_mib", "peak_mib"), (tar, tar, tar), ("time s", "train_time_s", "train_time_s"),
+        ("error", "error", None),
+    ]  # fmt: skip
+    cols = [c for c in cols if c[1] in frame.columns]
+    rows = []
+    for r in frame.iter_rows(named=True):
+        rows.append([_value(r[col], metric) for _, col, metric in cols])
+    if "error" in frame.columns and frame["error"].is_null().all():
+        cols, rows = cols[:-1], [r[:-1] for r in rows]
+    return [h for h, _, _ in cols], rows
+
+
+def _value(v: Any, metric: str | None) -> str:
+    if v is None:
+        return "—"
+    if metric is None:
+        return _first_line(v) if isinstance(v, str) else str(v)
+    info = metric_info(metric)
+    return f"{v:.{info.digits if info else 3}f}"
+
+
+# --- printing tables ---------------------------------------------------------------------------
+
+#: Above this many rows a table is printed as aligned plain text (rich takes minutes to lay out
+#: tens of thousands of rows).
+PLAIN_ROWS = 500
+
+
+def print_table(
+    console: Console, title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+    left: Sequence[str] = ("method",),
+) -> None:  # fmt: skip
+    """Print a table without ever truncating a cell. Fits the console: a rich table. Off a
+    terminal (CI logs, pipes, files): the rich table at its full width, whatever COLUMNS says.
+    On a terminal too narrow: one line of `column=value` pairs per row (the terminal wraps it).
+    More than PLAIN_ROWS rows: aligned plain text."""
+    if len(rows) > PLAIN_ROWS:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        console.out(title, highlight=False)
+        for r in [list(header), *rows]:
+            line = "  ".join(
+                c.ljust(w) if h in left else c.rjust(w)
+                for c, w, h in zip(r, widths, header, strict=True)
             )
-        if x == "memory":
-            ax.set_xscale(
-                "symlog", linthresh=max(1, int(agg["memory"].filter(agg["memory"] > 0).min() or 1))
-            )
-            ax.set_xlabel("CB-HEM memory size M (samples; 0 = in-batch)")
-        else:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("virtual batch N (samples)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{frame['suite'][0]}: {title}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+            console.out(line.rstrip(), highlight=False)
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h in left else "right", overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    width = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    if width <= console.width:
+        console.print(table)
+    elif not console.is_terminal:
+        Console(file=console.file, width=width, color_system=None).print(table)
+    else:
+        console.print(title, markup=False, highlight=False)
+        for r in rows:
+            pairs = "  ".join(f"{h}={c}" for h, c in zip(header, r, strict=True))
+            console.print(pairs, markup=False, highlight=False, soft_wrap=True)

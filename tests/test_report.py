@@ -94,13 +94,16 @@ def test_show_formats(fmt):
         assert len(out.splitlines()) == 4
     else:
         assert "N=32" in out and "N=64" in out and "oom: 1" in out
-        assert "0.300 ± " in out  # mean of tar@1e-3 at baseline (0.25 .. 0.35)
+        # mean of tar@1e-3 at baseline (0.25, 0.35): 2 seeds, CI ± 0.635 clipped at 0
+        assert "0.300 [0.000, 0.935]" in out
         assert "(+0.050)" in out  # Δ of M=64, N=32 vs baseline
 
 
 def test_plot_writes_pngs(tmp_path):
     f = frame({(0, 32): [0.5, 0.7], (64, 32): [0.6, 0.8], (64, 64): [0.9, 0.9]})
-    paths = report.plot(f, tmp_path, None)
+    from harness.plots import plot
+
+    paths = plot(f, tmp_path, None)
     assert sorted(p.name for p in paths) == sorted(
         ["accuracy_vs_memory.png", "peak_memory_vs_virtual_batch.png", "throughput_vs_memory.png"]
     )
