@@ -187,3 +187,122 @@ def test_worker_dies_with_its_parent(pdeathsig):
         time.sleep(0.1)
     assert not _alive(worker), "the worker outlived its parent"
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+# --- the runner's choices: threads and GPUs (issue 19 item 2, issue 15 item 5) ----------------
+
+
+class _Capture:
+    """Stands in for an executor: records the specs and options, reports every trial failed."""
+
+    def __init__(self, options):
+        self.options = options
+        self.specs: list[TrialSpec] = []
+
+    def run(self, trials, on_result, on_progress=None):
+        from harness.records import failure_outcome
+
+        self.specs = list(trials)
+        for s in trials:
+            on_result(failure_outcome(s, "failed", "stand-in"))
+
+
+def _run_captured(tmp_path, monkeypatch, threads: int, jobs: int, in_process=False, cores=2):
+    from rich.console import Console
+
+    from harness.runner import run_suite
+    from harness.suite import load_suite
+
+    text = TINY.format(name="thr", sweep="memory = [0, 16, 32]", steps=2, timeout=60)
+    path = tmp_path / "thr.toml"
+    path.write_text(text.replace("threads = 1", f"threads = {threads}"))
+    made: list[_Capture] = []
+
+    def fake(name, **options):
+        made.append(_Capture(options))
+        return made[-1]
+
+    monkeypatch.setattr("harness.runner.get_executor", fake)
+    monkeypatch.setattr("harness.runner.usable_cores", lambda: cores)
+    console = Console(record=True, width=300)
+    run_suite(load_suite(path, check=False), tmp_path / "res", console, jobs=jobs,
+              in_process=in_process, quiet=True)  # fmt: skip
+    return made[0], console.export_text()
+
+
+@pytest.mark.parametrize(
+    ("jobs", "in_process", "cores", "want"),
+    [(1, False, 2, 2), (2, False, 2, 1), (2, False, 16, 8), (4, True, 8, 8), (8, False, 16, 5)],
+)
+def test_threads_zero_gets_a_share_of_the_cores(
+    tmp_path, monkeypatch, jobs, in_process, cores, want
+):
+    """`train.threads = 0`: cores // concurrent trials (concurrent = min(jobs, trials to run);
+    1 in-process), so `--jobs 2` never oversubscribes a 2-core machine 50-90x."""
+    cap, out = _run_captured(tmp_path, monkeypatch, 0, jobs, in_process, cores)
+    assert {s.threads for s in cap.specs} == {want}
+    assert "oversubscribe" not in out
+
+
+def test_explicit_threads_that_oversubscribe_warn(tmp_path, monkeypatch):
+    cap, out = _run_captured(tmp_path, monkeypatch, 2, 2, cores=2)
+    assert {s.threads for s in cap.specs} == {None}  # explicit: the config's own setting
+    assert "warning: train.threads = 2 x 2 concurrent trials = 4 threads on 2 cores" in out
+
+
+def test_local_executor_gets_the_gpu_list(tmp_path, monkeypatch):
+    cap, _ = _run_captured(tmp_path, monkeypatch, 0, 2)
+    assert cap.options["allow_gpu_sharing"] is False and isinstance(cap.options["gpus"], list)
+
+
+@pytest.mark.gpu
+def test_cuda_jobs_get_one_gpu_each(tmp_path):
+    """On a GPU machine: `--device cuda --jobs N` runs every trial ok, each worker seeing one
+    GPU (CUDA_VISIBLE_DEVICES), never more at once than GPUs (a note says so)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.results import load_run
+
+    n = torch.cuda.device_count()
+    path = tmp_path / "gpu.toml"
+    path.write_text(TINY.format(name="gpu", sweep="memory = [0, 16, 32]", steps=3, timeout=300))
+    args = ["run", str(path), "--results-dir", str(tmp_path), "--device", "cuda"]
+    r = CliRunner().invoke(app, [*args, "--jobs", str(n + 1)])
+    assert r.exit_code == 0, r.output
+    assert f"at most {n} CUDA trial(s)" in r.output
+    (run,) = (tmp_path / "gpu").iterdir()
+    df = load_run(run)
+    assert df["status"].to_list() == ["ok"] * 3
+    assert set(df["device"].to_list()) <= {"cuda", "cuda:0"}  # each worker sees its one GPU
+
+
+# --- Ray: a Ray started by hembench is shut down, also when the run fails ----------------------
+
+
+def test_ray_started_here_is_shut_down_on_error(monkeypatch):
+    import types
+
+    calls: list[str] = []
+    fake = types.ModuleType("ray")
+    fake.exceptions = types.ModuleType("ray.exceptions")
+    fake.ObjectRef = object
+    fake.exceptions.RayError = type("RayError", (Exception,), {})
+    fake.is_initialized = lambda: False
+    fake.init = lambda **k: calls.append("init")
+    fake.shutdown = lambda: calls.append("shutdown")
+
+    def boom():
+        raise KeyboardInterrupt
+
+    fake.cluster_resources = boom
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.exceptions", fake.exceptions)
+    monkeypatch.delitem(sys.modules, "harness.executors.ray_executor", raising=False)
+    from harness.executors.ray_executor import RayExecutor
+
+    with pytest.raises(KeyboardInterrupt):
+        RayExecutor(jobs=1).run([_spec()], lambda o: None)
+    assert calls == ["init", "shutdown"]
+    monkeypatch.delitem(sys.modules, "harness.executors.ray_executor", raising=False)
