@@ -212,6 +212,28 @@ def _folder_key(root: Path, paths: list[str], size: int, channels: int) -> str:
     return content_key(parts())
 
 
+def cached(
+    p: Mapping[str, Any],
+    store: Store,
+    key: str,
+    cache_root: str | Path | None,
+    workers: int | None,
+    info: dict[str, Any],
+) -> tuple[Store, np.ndarray]:
+    """`store` through its uint8 cache (produced by `workers` processes if absent) and the
+    usable-rows mask; records cache_key / cache_build_s in `info`. With on_bad_image "error",
+    an image that failed to decode is a ValueError naming it."""
+    nw = default_workers() if workers is None else workers
+    cache, bad, built_s = open_cache(store, key, cache_dir(p, cache_root), nw)
+    info |= {"cache_key": key, "cache_build_s": built_s}
+    if bad.any() and p["on_bad_image"] == "error":
+        raise ValueError(
+            f"unreadable image {store.describe(int(np.argmax(bad)))!r} ({int(bad.sum())} "
+            "unreadable; set data.on_bad_image = 'skip' to skip them)"
+        )
+    return cache, ~bad
+
+
 def build_image_folder(
     cfg: Mapping[str, Any],
     seed: int,
@@ -232,16 +254,7 @@ def build_image_folder(
     usable = np.ones(len(paths), dtype=bool)
     if p["cache"] == "uint8" and paths:
         key = _folder_key(root, paths, size, channels)
-        nw = default_workers() if workers is None else workers
-        store, bad, built_s = open_cache(store, key, cache_dir(p, cache_root), nw)
-        info |= {"cache_key": key, "cache_build_s": built_s}
-        if bad.any() and p["on_bad_image"] == "error":
-            first = os.path.join(str(root), paths[int(np.argmax(bad))])
-            raise ValueError(
-                f"unreadable image {first!r} ({int(bad.sum())} unreadable in {str(root)!r}; "
-                "set data.on_bad_image = 'skip' to skip them)"
-            )
-        usable = ~bad
+        store, usable = cached(p, store, key, cache_root, workers, info)
     elif p["on_bad_image"] == "skip":  # no cache: skip what Pillow cannot even identify
         usable = np.asarray([_identifies(root / rel) for rel in paths], dtype=bool)
     quality["bad_images"] = int((~usable).sum())

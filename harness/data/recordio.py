@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from harness.data.cache import content_key, open_cache
+from harness.data.cache import content_key
 from harness.data.image_folder import DEFAULTS as FOLDER_DEFAULTS
-from harness.data.image_folder import _assemble, cache_dir, decode
+from harness.data.image_folder import _assemble, cached, decode
 from harness.data.image_folder import _params as folder_params
 from harness.data.ivs import IvSData
 from harness.data.params import check_choice, resolve
-from harness.data.stream import BadSample, PerProcessFile, Store, default_workers
+from harness.data.stream import BadSample, PerProcessFile, Store
 
 MAGIC = 0xCED7230A
 IR_FORMAT = "<IfQQ"
@@ -239,17 +239,8 @@ def build_recordio(
         for f in (rec, idx_path(rec)):
             st = f.stat()
             parts.append(f"{f.resolve()}\t{st.st_size}\t{st.st_mtime_ns}")
-        key = content_key(parts)
-        nw = default_workers() if workers is None else workers
-        store, bad, built_s = open_cache(store, key, cache_dir(p, cache_root), nw)
-        info |= {"cache_key": key, "cache_build_s": built_s}
-        if bad.any() and p["on_bad_image"] == "error":
-            raise ValueError(
-                f"unreadable image: {store.describe(int(np.argmax(bad)))} ({int(bad.sum())} "
-                "unreadable; set data.on_bad_image = 'skip' to skip them)"
-            )
-        usable = ~bad
-        quality["bad_images"] = int(bad.sum())
+        store, usable = cached(p, store, content_key(parts), cache_root, workers, info)
+    quality["bad_images"] = int((~usable).sum())
     n_ids = len(np.unique(labels))
     names = [""] * len(keys)
     return _assemble(p, store, labels, n_ids, usable, names, quality, info, seed)
