@@ -187,6 +187,11 @@ class TrainCfg(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto = cuda when available (--device overrides)"
     )
+    world_size: int = Field(
+        default=1, ge=1, le=1024,
+        description="processes of one data-parallel trial (gloo on CPU, NCCL on CUDA; "
+        "one GPU per rank); the global batch is split across ranks",
+    )  # fmt: skip
     warmup_steps: int = Field(default=2, ge=0, description="steps excluded from throughput")
     log_every: int = Field(default=1, ge=1, description="curve row every N steps")
     nvml_interval_s: float = Field(
@@ -231,6 +236,11 @@ class TrainCfg(_Strict):
             problems.append(f"milestones are used by schedule='step' only; got {self.schedule!r}")
         if self.lr_warmup >= self.steps:
             problems.append(f"lr_warmup={self.lr_warmup} must be < steps={self.steps}")
+        if self.batch % (self.world_size * self.samples_per_identity):
+            problems.append(
+                f"batch={self.batch} must split into world_size={self.world_size} equal shares "
+                f"of whole identities (a multiple of {self.world_size * self.samples_per_identity})"
+            )
         if self.precision == "fp16" and self.device == "cpu":
             problems.append("precision='fp16' needs CUDA (use 'bf16' on CPU)")
         if problems:

@@ -125,7 +125,10 @@ _MEASURED = {
     "bad_images": pl.Int64, "single_image_identities": pl.Int64,
     "no_id_photo_identities": pl.Int64,
 }  # fmt: skip
-_ENV = {"device": pl.String, "gpu_name": pl.String, "host": pl.String, "git_commit": pl.String}
+_ENV = {
+    "device": pl.String, "gpu_name": pl.String, "gpu_index": pl.Int64, "world_size": pl.Int64,
+    "backend": pl.String, "host": pl.String, "git_commit": pl.String,
+}  # fmt: skip
 
 #: Every row column -> dtype, in row order; `tar@<far>` columns and the .bin sets' `<stem>_acc`
 #: and `<stem>_tar@<far>` (Float64) follow the measured ones. Nullable columns keep their dtype in failed trials, so run files always concatenate.

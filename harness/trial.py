@@ -148,6 +148,9 @@ def _run(
         "init_sha256": init_sha,
         "device": str(device),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "gpu_index": torch.cuda.current_device() if device.type == "cuda" else None,
+        "world_size": 1,
+        "backend": None,
     }
     deadline_check()
     out |= data.quality
