@@ -724,3 +724,59 @@ def test_a_worker_killed_from_outside_is_named(tmp_path):
     row = df.filter(pl.col("inject") == "hang")
     assert row["status"][0] in ("failed", "oom")
     assert "SIGKILL" in row["error"][0] or "signal 9" in row["error"][0]
+
+
+# --- hostile bench baselines: exit 2 before any timing -------------------------------------------
+
+BASELINE = Path(__file__).resolve().parents[1] / "benchmarks" / "baseline-cpu.json"
+
+
+def _baseline_doc(**changes) -> str:
+    doc = json.loads(BASELINE.read_text())
+    doc.update(changes)
+    return json.dumps(doc)
+
+
+def _first_case(**ratio) -> str:
+    doc = json.loads(BASELINE.read_text())
+    first = next(iter(doc["cases"].values()))
+    first["ratio"].update(ratio)
+    return json.dumps(doc)
+
+
+BASELINES: dict[str, str | bytes] = {
+    "not-json": "not json",
+    "empty-file": "",
+    "not-utf8": b"\xff\xfe{}",
+    "deeply-nested": "[" * 100_000 + "]" * 100_000,
+    "a-list": "[]",
+    "tolerance-nan": _baseline_doc(tolerance_pct=float("nan")),
+    "tolerance-negative": _baseline_doc(tolerance_pct=-5),
+    "tolerance-string": _baseline_doc(tolerance_pct="ten"),
+    "no-cases": _baseline_doc(cases={}),
+    "median-true": _first_case(median=True),
+    "median-infinity": _first_case(median=float("inf")),
+    "median-nan": _first_case(median=float("nan")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASELINES))
+def test_hostile_bench_baseline_is_refused_before_timing(tmp_path, case):
+    data = BASELINES[case]
+    path = tmp_path / "baseline.json"
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    r = invoke("bench", "--baseline", path, "--preset", "tiny", "--only", "no-such-case")
+    assert r.exit_code == 2, r.output
+    assert r.output.count("error:") == 1 and "baseline" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--tolerance", "nan"], ["--baseline", "/no/such/file.json"], ["--save", "{file}/x.json"]],
+    ids=["tolerance-nan", "missing-baseline", "save-under-a-file"],
+)
+def test_hostile_bench_options_are_refused_before_timing(tmp_path, args):
+    (tmp_path / "f").write_text("a file")
+    args = [a.replace("{file}", str(tmp_path / "f")) for a in args]
+    r = invoke("bench", "--preset", "tiny", "--only", "no-such-case", *args)
+    assert r.exit_code == 2 and r.output.count("error:") == 1, r.output
