@@ -10,7 +10,10 @@ Contract for implementers (local, ray, ...):
 - call `on_result` exactly once per trial, from the thread that called `run`;
 - a trial that exceeds `spec.timeout_s` is stopped and reported with `timeout_outcome`;
 - a worker that dies without reporting (segfault, kill -9, OOM killer) is reported with
-  `failure_outcome(spec, "failed", ...)` (both from `harness.records`); the remaining trials go on;
+  `failure_outcome(spec, "failed", ...)` naming the signal or exit code, or `"oom"` where there
+  is evidence of the OOM killer (both from `harness.records`); the remaining trials go on;
+- on any exception (Ctrl-C, `on_result` failing on a full disk) stop every running trial
+  before re-raising, and release what the executor started (worker processes, a local Ray);
 - `on_progress`, when given, may receive `(trial_id, {"step", "loss", "samples_per_s"})`
   updates while a trial runs (best effort, may be dropped).
 """

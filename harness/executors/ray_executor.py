@@ -24,6 +24,7 @@ Progress updates are not forwarded (the protocol allows dropping them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -125,9 +126,10 @@ class RayExecutor:
         started_here = self._connect()
         try:
             self._run(trials, on_result)
-        finally:
+        finally:  # also on Ctrl-C or a failed write: never leave a local Ray behind
             if started_here:
-                ray.shutdown()
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
 
     def _connect(self) -> bool:
         """Attach to the cluster (or the Ray already running here); True if we started one."""
