@@ -10,7 +10,14 @@ import polars as pl
 import pytest
 
 from harness.records import TrialOutcome
-from harness.results import RunDir, RunDirError, check_inside, load_run, row_frame
+from harness.results import (
+    RunDataWarning,
+    RunDir,
+    RunDirError,
+    check_inside,
+    load_run,
+    row_frame,
+)
 
 
 def outcome(tid: str, status: str = "ok", tar: float | None = 0.5) -> TrialOutcome:
@@ -112,3 +119,49 @@ def test_find_latest_is_the_newest_start_not_the_last_name(tmp_path):
     assert RunDir.find(tmp_path, "s").run_id == "aaa-named-run"
     with pytest.raises(RunDirError, match="no earlier run"):
         RunDir.find(tmp_path, "other")
+
+
+def test_load_run_skips_unreadable_files_with_a_warning(tmp_path):
+    run = RunDir.create(tmp_path, "s")
+    run.write_outcome(outcome("a"))
+    run.write_outcome(outcome("b"))
+    (run.trials / "b.parquet").write_bytes(b"PAR1 broken")
+    with pytest.warns(RunDataWarning, match=r"b\.parquet"):
+        df = load_run(run.path)
+    assert df["trial_id"].to_list() == ["a"]
+    (run.trials / "a.parquet").write_bytes(b"")
+    with pytest.warns(RunDataWarning), pytest.raises(RunDirError, match="none of the 2"):
+        load_run(run.path)
+
+
+def test_repair_quarantines_damaged_trials_and_removes_temp_files(tmp_path):
+    run = RunDir.create(tmp_path, "s")
+    for tid in ("a", "b", "c"):
+        run.write_outcome(outcome(tid))
+    (run.trials / "a.parquet").write_bytes(b"junk")  # unreadable row
+    (run.curves / "b.parquet").unlink()  # row without its curves
+    (run.trials / ".c.parquet.123.tmp").write_bytes(b"half")  # a kill inside the write window
+    with run.lock():
+        stale, damaged = run.repair()
+    assert [p.name for p in stale] == [".c.parquet.123.tmp"]
+    assert sorted(damaged) == ["a", "b"]
+    assert run.done() == {"c": "ok"}
+    assert len(list(run.quarantine.iterdir())) == 3  # a's row and curves, b's row
+
+
+def test_lock_never_follows_a_symlink(tmp_path):
+    run = RunDir.create(tmp_path, "s")
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (run.path / "run.lock").symlink_to(target)
+    with pytest.raises(RunDirError, match="symlink"), run.lock():
+        pass
+    assert target.read_text() == "keep"
+
+
+def test_os_errors_become_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="not a directory"):
+        RunDir.create(tmp_path / "file", "s")
+    with pytest.raises(RunDirError, match="too long"):
+        RunDir.create(tmp_path / ("x" * 300), "s")
