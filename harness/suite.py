@@ -298,6 +298,7 @@ class _Grid:
 
 def _located(where: str, combo: dict[str, Any], key: str, msg: str) -> str:
     """Name the sweep key that caused a problem, or the combination for a cross-field rule."""
+    msg = msg.removeprefix(f"{key}: ") if key else msg  # "data: data: ..." reads once
     if key in combo:
         return f"{where}.{key}: {msg} (got {combo[key]!r})"
     if not combo:  # the baseline: method keys live under [baseline], the rest in sections

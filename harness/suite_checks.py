@@ -201,7 +201,8 @@ def messages(err: ValidationError) -> list[str]:
         if len(e["loc"]) == 1 and fields and e["type"] == "value_error":
             out += [section_rule(loc, part, fields) for part in split(msg, fields)]
             continue
-        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {short(e['input'])})"
+        quiet = e["type"] in ("missing", "extra_forbidden") or "got " in msg  # said already
+        got = "" if quiet else f" (got {short(e['input'])})"
         out.append(f"{loc or '<top level>'}: {msg}{got}")
     return out
 
