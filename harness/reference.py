@@ -57,6 +57,9 @@ DATA_HELP: dict[str, dict[str, str]] = {
         "image_size": 'side of the rendered images (modality "images")',
         "imbalance": "Pareto exponent α of extra spot photos per training identity (0 = none)",
         "imbalance_max": "cap on the extra photos of one identity",
+        "photos_per_identity": "K > 2: many-shot training identities (a pretraining set)",
+        "domains": '"ivs" (ID + spot photos) or "spot" (web photos only, no ID photo)',
+        "identity_offset": "first identity drawn: other identities of the same world (seed)",
     },
     "image_folder": {
         "path": "directory with one sub-directory of images per identity (required)",
@@ -160,7 +163,7 @@ def registry_names() -> dict[str, list[str]]:
 def missing_help() -> list[str]:
     """Keys that have no one-line meaning (schema fields without a description, data/model keys
     without an entry here), and entries here that name no key: empty when the reference is whole."""
-    out = [f"[{s}] section" for s in SuiteFile.model_fields if s not in SECTION_HELP]
+    out = [f"[{s}] section" for s in SuiteFile.model_fields if not section_help(s)]
     for section, model in _section_models().items():
         out += [f"{section}.{k}" for k, f in model.model_fields.items() if not f.description]
     for what, known, helps in (
@@ -175,6 +178,15 @@ def missing_help() -> list[str]:
 
 
 # --- rendering --------------------------------------------------------------------------------
+
+
+def section_help(section: str) -> str:
+    """What a top-level table is for: ours, else the first paragraph of its model's docstring."""
+    if section in SECTION_HELP:
+        return SECTION_HELP[section]
+    model = _section_models().get(section)
+    doc = (model.__doc__ or "") if model is not None else ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def _section_models() -> dict[str, type[BaseModel]]:
@@ -215,7 +227,7 @@ def type_text(ann: Any) -> str:
     if origin in (list, tuple):
         inner = type_text(args[0]) if args else "value"
         return f"list of {inner}s" if origin is list else f"[{', '.join(map(type_text, args))}]"
-    if origin is dict:
+    if origin is dict or (isinstance(ann, type) and issubclass(ann, BaseModel)):
         return "table"
     return _NAMES.get(ann, getattr(ann, "__name__", str(ann)))
 
@@ -281,7 +293,7 @@ def generate() -> str:
     lines = ["## Sections", ""]
     for section, model in _section_models().items():
         title = "[baseline]" if section == "baseline" else f"[{section}]"
-        lines += [f"### `{title}`", "", SECTION_HELP[section], ""]
+        lines += [f"### `{title}`", "", section_help(section), ""]
         lines += [*section_table(model, names), ""]
     lines += ["### `[[sweep]]`", "", SECTION_HELP["sweep"], ""]
     lines += ["## Data kinds (`[data]`)", ""]
