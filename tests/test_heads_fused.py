@@ -84,3 +84,10 @@ def test_fused_equals_plain_where_cosines_are_clamped(name):
     plain = logits_and_grads(name, False, emb, weight, labels, probe)
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_head_with_its_own_logits_refuses_the_fused_path():
+    head = HEADS["npcface"](3, 4)
+    head.fused = False
+    with pytest.raises(ValueError, match="NPCFace has no fused path"):
+        head.fused = True

@@ -74,7 +74,8 @@ class _ClampStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        return x.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+        ctx.mark_dirty(x)  # in place: x is a fresh product that no backward needs
+        return x.clamp_(-1.0 + COS_EPS, 1.0 - COS_EPS)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -133,9 +134,20 @@ class CosineHead(nn.Module):
         )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)  # arcface_torch's init of the class centres
-        #: Run `target` through the fused op (faster on CPU: docs/benchmarks.md); only where
-        #: the margin is `target` alone. Set False for the plain path: the same logits.
         self.fused = type(self).logits is CosineHead.logits
+
+    @property
+    def fused(self) -> bool:
+        """Run `target` through the fused op of mining/heads/fused.py (measured faster on CPU:
+        docs/benchmarks.md); the default where the margin is `target` alone. Set False for the
+        plain path: the same logits and gradients."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        if value and type(self).logits is not CosineHead.logits:
+            raise ValueError(f"{type(self).__name__} has no fused path: its margin is `logits`")
+        self._fused = bool(value)
 
     def target(self, c: Tensor) -> Tensor:
         """The margin on the target cosines: ψ(cos θ_y) (B,) -> (B,). Here: none."""
