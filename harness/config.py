@@ -36,7 +36,7 @@ from pydantic import (
 
 SUITE_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 PLB_MODES = ("off", "exact", "select", "chunk_loss")
-SECTIONS = ("data", "model", "train", "eval", "debug")
+SECTIONS = ("data", "model", "train", "eval", "debug", "pretrain")
 
 Scalar = str | int | float | bool
 # values of free-form sections (data/model params): scalars or flat lists of scalars
@@ -164,7 +164,9 @@ class TrainCfg(_Strict):
     lr: float = Field(default=0.1, gt=0, le=100, description="peak learning rate")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(default=5e-4, ge=0, le=1, description="L2 weight decay")
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adamw only")
+    betas: list[float] = Field(
+        default=[0.9, 0.999], min_length=2, max_length=2, description="adamw only: (β1, β2)"
+    )
     schedule: Literal["constant", "step", "cosine", "poly"] = Field(
         default="constant", description="learning-rate schedule after the warm-up"
     )
@@ -323,6 +325,27 @@ class MethodCfg(_Strict):
     )
 
 
+class PretrainCfg(_Strict):
+    """`[pretrain]`: train the trial's backbone first with a margin head on its own data
+    (e.g. many-shot web photos of other identities), once per (pretrain config, seed), cached
+    under the results root and reused by every trial and run that shares it
+    (`harness.pretrain`). `steps = 0` (the default) means no pretrain.
+
+    `train` overrides keys of the trial's `[train]` for the pretrain (lr, batch, schedule, ...);
+    checkpointing is off and the execution keys (device, threads, workers) are the trial's.
+    """
+
+    steps: int = Field(default=0, ge=0, le=10_000_000, description="0 = no pretrain stage")
+    data: DataCfg = Field(default_factory=DataCfg, description="the pretrain's own [data]")
+    head: str = Field(default="arcface", description="margin head of the pretrain")
+    head_params: dict[str, Scalar] = Field(
+        default_factory=dict, description="keyword parameters of the pretrain's head"
+    )
+    train: dict[str, Param] = Field(
+        default_factory=dict, description="[train] keys that differ for the pretrain"
+    )
+
+
 class TrialConfig(_Strict):
     """A fully resolved trial: everything `harness.trial.run_trial` needs, plus the seed."""
 
@@ -334,6 +357,7 @@ class TrialConfig(_Strict):
     method: MethodCfg
     eval: EvalCfg
     debug: DebugCfg
+    pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
 
     @property
     def virtual_batch(self) -> int:
@@ -372,9 +396,33 @@ class TrialConfig(_Strict):
                     "sum over samples, so a large batch brings no harder negatives — PLB would only "
                     "accumulate gradients (raise train.batch instead)"
                 )
+        if self.pretrain.steps:
+            if self.model.init is not None:
+                problems.append("model.init and a [pretrain] stage both set the initial weights")
+            try:
+                pretrain_train(self)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                problems.append(f"pretrain.train: {exc}".replace("\n", " "))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def pretrain_train(cfg: TrialConfig) -> TrainCfg:
+    """The `[train]` of the pretrain stage: the trial's, with `pretrain.train` overrides and
+    `pretrain.steps`, checkpoints off (a pretrain is short and cached as a whole)."""
+    unknown = sorted(set(cfg.pretrain.train) - set(TrainCfg.model_fields))
+    if unknown:
+        raise ValueError(f"unknown [train] keys {unknown}")
+    return TrainCfg.model_validate(
+        {
+            **cfg.train.model_dump(),
+            **cfg.pretrain.train,
+            "steps": cfg.pretrain.steps,
+            "checkpoint_every": 0,
+            "save_model": True,
+        }
+    )
 
 
 class SuiteFile(_Strict):
@@ -388,6 +436,7 @@ class SuiteFile(_Strict):
     sweep: list[dict[str, Any]] = Field(default_factory=list)
     eval: EvalCfg = Field(default_factory=EvalCfg)
     debug: DebugCfg = Field(default_factory=DebugCfg)
+    pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
 
 
 def estimated_extra_mib(cfg: TrialConfig) -> float:

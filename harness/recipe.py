@@ -34,7 +34,7 @@ def make_optimizer(train: TrainCfg, params: Iterable[nn.Parameter]) -> torch.opt
     params = [p for p in params if p.requires_grad]
     if train.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay
+            params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
         )
     return torch.optim.SGD(
         params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay

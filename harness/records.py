@@ -79,6 +79,11 @@ class TrialSpec:
         return self.config.seed
 
     @property
+    def cache(self) -> Path | None:
+        """`<results root>/.cache/`: results shared by trials and runs (pretrained weights)."""
+        return None if self.run_dir is None else Path(self.run_dir).parent.parent / ".cache"
+
+    @property
     def workdir(self) -> Path | None:
         """`<run_dir>/work/<trial_id>/`: the trial's checkpoints and saved model."""
         return None if self.run_dir is None else Path(self.run_dir) / "work" / self.trial_id
@@ -121,6 +126,7 @@ _MEASURED = {
     "collapsed": pl.Boolean, "memory_share": pl.Float64, "neg_age": pl.Float64,
     "drift": pl.Float64, "final_loss": pl.Float64, "resumed_from_step": pl.Int64,
     "checkpoint_s": pl.Float64, "checkpoint_bytes": pl.Int64, "init_sha256": pl.String,
+    "pretrain_key": pl.String, "pretrain_s": pl.Float64,
     # data quality (harness.data.ivs.QUALITY_KEYS)
     "bad_images": pl.Int64, "single_image_identities": pl.Int64,
     "no_id_photo_identities": pl.Int64,

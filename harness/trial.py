@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from harness import build, measure
+from harness import build, ddp, measure
 from harness.checkpoint import load_init
 from harness.config import TrialConfig
 from harness.data import IvSData
 from harness.data.verification_sets import evaluate_bin
 from harness.ivs_eval import ivs_verification
+from harness.pretrain import pretrained_backbone
 from harness.records import (
     NonFiniteLoss,
     Status,
@@ -46,8 +47,9 @@ def execute_trial(
     row = base_row(spec)
     try:
         measured, curves = run_trial(
-            spec.config, progress, deadline, threads=spec.threads, workdir=spec.workdir
-        )
+            spec.config, progress, deadline, threads=spec.threads, workdir=spec.workdir,
+            cache=spec.cache,
+        )  # fmt: skip
     except Exception as exc:  # a failed trial is a result, not a crash of the suite
         status, err = classify(exc), error_text(exc)
         exc.__traceback__ = None  # release the failed trial's tensors before the next trial
@@ -94,11 +96,13 @@ def run_trial(
     *,
     threads: int | None = None,
     workdir: Path | None = None,
+    cache: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Build data, backbone and objective from `cfg`, train, measure and evaluate.
 
     `threads` overrides `train.threads` (the runner's choice for `threads = 0`); `workdir`
-    holds the trial's checkpoints and saved model (None: nothing is written).
+    holds the trial's checkpoints and saved model (None: nothing is written); `cache` holds
+    results shared across trials and runs (the pretrain stage's weights; None: not cached).
 
     Returns (measurements, curves): the measured columns of the row and the per-step curves
     (`harness.records.CURVE_COLUMNS`). Raises on failure (`classify` maps errors to statuses).
@@ -109,12 +113,15 @@ def run_trial(
         if deadline is not None and time.monotonic() > deadline:
             raise TrialTimeout("trial ran past its deadline")
 
+    if cfg.train.world_size > 1:  # N rank processes under torch.distributed (harness.ddp)
+        return ddp.run_ranks(cfg, _run, progress, deadline, threads=threads, workdir=workdir,
+                             error_text=error_text, cache=cache)  # fmt: skip
     previous_threads = torch.get_num_threads()
     threads = threads or cfg.train.threads
     if threads:  # e.g. 1 for tiny CPU models: OpenMP spin-waits thrash a loaded machine
         torch.set_num_threads(threads)
     try:
-        return _run(cfg, progress, deadline_check, workdir)
+        return _run(cfg, progress, deadline_check, workdir, cache)
     finally:
         torch.set_num_threads(previous_threads)  # in-process runs share the caller's setting
 
@@ -124,12 +131,21 @@ def _run(
     progress: Progress | None,
     deadline_check: Callable[[], None],
     workdir: Path | None,
+    cache: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    rank, world, backend = ddp.process_group()  # (0, 1, None) unless in a rank of harness.ddp
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # GPU = local rank
     torch.manual_seed(cfg.seed)
     data = build.data(cfg)
     model = build.model(cfg, data)
-    init_sha = load_init(model, cfg.model.init, cfg.model.init_ignore) if cfg.model.init else None
+    start: dict[str, Any] = {"init_sha256": None, "pretrain_key": None, "pretrain_s": None}
+    if cfg.pretrain.steps:
+        start |= pretrained_backbone(cfg, model.to(device), data, device, cache, progress)
+        torch.manual_seed(cfg.seed)  # the same RNG state whether the pretrain ran or was cached
+    elif cfg.model.init:
+        start["init_sha256"] = load_init(model, cfg.model.init, cfg.model.init_ignore)
     model = _placed(model.to(device), cfg)
 
     measure.reset_allocator_peaks(device)
@@ -145,13 +161,15 @@ def _run(
         **measure.allocator_peaks(device),
         **nvml.result(),
         "peak_rss_mib": measure.peak_rss_mib(),
-        "init_sha256": init_sha,
+        **start,
         "device": str(device),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "gpu_index": torch.cuda.current_device() if device.type == "cuda" else None,
-        "world_size": 1,
-        "backend": None,
+        "world_size": world,
+        "backend": backend,
     }
+    if rank:  # rank 0 evaluates and reports the row
+        return out, curves
     deadline_check()
     out |= data.quality
     out |= _evaluate(cfg, model, data, device)

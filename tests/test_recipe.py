@@ -65,7 +65,7 @@ def test_optimizers_are_torchs_with_the_configured_hyperparameters():
     sgd = make_optimizer(TrainCfg(momentum=0.8, weight_decay=1e-3), p)
     assert isinstance(sgd, torch.optim.SGD)
     assert sgd.defaults["momentum"] == 0.8 and sgd.defaults["weight_decay"] == 1e-3
-    adamw = make_optimizer(TrainCfg(optimizer="adamw", betas=(0.8, 0.9), weight_decay=0.05), p)
+    adamw = make_optimizer(TrainCfg(optimizer="adamw", betas=[0.8, 0.9], weight_decay=0.05), p)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.9)
 
 

@@ -22,6 +22,13 @@ e_i = min(imbalance_max, ⌊u^(−1/α)⌋ − 1) extra spot photos, u ~ U(0, 1]
 law, P(e_i ≥ k) = (k+1)^(−α): a few head identities get many photos, most keep 2.
 Test identities always have exactly one pair.
 
+Many-shot identities (a pretraining set): `photos_per_identity` = K > 2 gives every training
+identity K − 2 more spot photos (drawn after the base pair and the imbalance extras, so the
+base photos do not change); `domains = "spot"` makes the training ID photo a spot photo too (web
+photos only); `identity_offset` = o takes identities o, o+1, … of the same world (same seed:
+same look-alike centres, views and signature), so a pretraining set with a large offset shares
+the IvS set's world but none of its identities.
+
 Streaming: identity i belongs to chunk ⌊i / CHUNK⌋, whose samples come from a generator seeded
 by (seed, chunk) alone, so any range of identities is generated in O(CHUNK) memory and is the
 same however it is requested. Train identities are 0..identities−1, test identities follow.
@@ -60,7 +67,11 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 32,
     "imbalance": 0.0,
     "imbalance_max": 64,
+    "photos_per_identity": 2,
+    "domains": "ivs",
+    "identity_offset": 0,
 }
+DOMAIN_MIXES = ("ivs", "spot")
 MODALITIES = ("features", "images")
 
 
@@ -98,12 +109,16 @@ def check_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
     s = check_int(p, "image_size", PATTERN, 4096)
     check_float(p, "imbalance", 0.0)
     check_int(p, "imbalance_max", 0, 1_000_000)
+    k = check_int(p, "photos_per_identity", 2, 10_000)
+    check_choice(p, "domains", DOMAIN_MIXES)
+    check_int(p, "identity_offset", 0, 2**40)
     per_photo = CHANNELS * s * s if modality == "images" else d
-    size = 2 * (n + m) * per_photo * 4
+    size = (k * n + 2 * m) * per_photo * 4
     if size > MAX_BYTES or p["lookalike_groups"] * (d // 2) * 4 > MAX_BYTES:
         raise ValueError(
-            f"data.identities / data.test_identities / data.dim / data.image_size describe "
-            f"{size / 2**30:.1f} GiB of float32 photos (2·(identities + test_identities) × "
+            f"data.identities / data.test_identities / data.dim / data.image_size / "
+            f"data.photos_per_identity describe {size / 2**30:.1f} GiB of float32 photos "
+            f"(photos_per_identity·identities + 2·test_identities) × "
             f"{per_photo} values); the synthetic generator is limited to "
             f"{MAX_BYTES / 2**30:.0f} GiB"
         )
@@ -149,7 +164,8 @@ class SyntheticIvS:
         """Samples of identities [start, stop), one chunk at a time: (x, identity, domain).
 
         Per chunk, rows are the ID photos of its identities in order, then their spot photos in
-        order, then (with `extras` and imbalance > 0) the extra spot photos.
+        order, then (with `extras`) the extra spot photos of the imbalance law and the
+        photos_per_identity − 2 many-shot photos of each identity.
         """
         for c in range(start // CHUNK, (stop - 1) // CHUNK + 1):
             x, ident, domain = self._chunk(c, extras)
@@ -173,16 +189,24 @@ class SyntheticIvS:
         """All samples of chunk c. Everything is drawn for the whole chunk in a fixed order
         (identities, base photos, then extras), so no value depends on the range requested and
         the base photos do not depend on `extras`."""
+        p = self.params
         z, _, u, gen = self.latents(c)
         ident = torch.arange(CHUNK) + c * CHUNK
         ids, domain = torch.cat([ident, ident]), torch.arange(2).repeat_interleave(CHUNK)
+        if extras and p["domains"] == "spot":  # training web photos only: no ID photo
+            domain = torch.ones_like(domain)  # (same draws: only the view differs)
         x = self._photo(torch.cat([z, z]), domain, gen)
-        if not (extras and self.params["imbalance"] > 0):
+        if not extras:
             return x, ids, domain
-        n_extra = (u ** (-1.0 / self.params["imbalance"])).floor().long() - 1
-        rep = torch.repeat_interleave(
-            torch.arange(CHUNK), n_extra.clamp(0, self.params["imbalance_max"])
-        )
+        counts = torch.zeros(CHUNK, dtype=torch.int64)
+        if p["imbalance"] > 0:
+            counts += ((u ** (-1.0 / p["imbalance"])).floor().long() - 1).clamp(
+                0, p["imbalance_max"]
+            )
+        counts += p["photos_per_identity"] - 2  # many-shot identities, drawn after the base
+        if not counts.any():
+            return x, ids, domain
+        rep = torch.repeat_interleave(torch.arange(CHUNK), counts)
         ones = torch.ones(rep.numel(), dtype=torch.int64)
         return (
             torch.cat([x, self._photo(z[rep], ones, gen)]),
@@ -210,9 +234,13 @@ def build_synthetic_ivs(cfg: Mapping[str, Any], seed: int, **_: Any) -> IvSData:
     """`build_data` for kind "synthetic_ivs" (module docstring; keys and defaults in DEFAULTS)."""
     world = SyntheticIvS.from_config(cfg, seed)
     n, m = world.params["identities"], world.params["test_identities"]
-    xs, labels, domains = zip(*world.chunks(0, n, extras=True), strict=True)
-    train = Split(torch.cat(xs), torch.cat(labels), torch.cat(domains))
-    test_x, test_ident, test_dom = (torch.cat(t) for t in zip(*world.chunks(n, n + m), strict=True))
+    o = world.params["identity_offset"]  # same world (seed), other identities
+    xs, labels, domains = zip(*world.chunks(o, o + n, extras=True), strict=True)
+    train = Split(torch.cat(xs), torch.cat(labels) - o, torch.cat(domains))
+    test_x, test_ident, test_dom = (
+        torch.cat(t) for t in zip(*world.chunks(o + n, o + n + m), strict=True)
+    )
+    test_ident = test_ident - o
     # rows by (domain, identity): ID photos then spot photos, each in identity order
     order = torch.argsort(test_dom * (n + m) + test_ident)
     test_x = test_x[order]
