@@ -313,3 +313,143 @@ def test_unbounded_timeouts_validate_as_no_limit(timeout):
     text = to_toml(doc).replace('"seeds" = [0]', f'"seeds" = [0]\ntimeout_s = {timeout}')
     s = parse_suite(text)
     assert s.meta.timeout_s is None if timeout == "inf" else s.meta.timeout_s == 1e7
+
+
+# --- bounded work, every pass at once, hints (issues 19 item 3, 21 item 5) -------------------
+
+
+@given(
+    blocks=st.lists(
+        st.dictionaries(
+            st.sampled_from(["memory", "margin", "train.lr", "miner"]),
+            st.integers(1, 4),
+            min_size=1,
+        ),
+        max_size=4,
+    ),
+    seeds=st.integers(1, 4),
+)
+def test_grid_size_is_counted_without_expanding(blocks, seeds):
+    from harness.suite import _combinations
+    from harness.suite_checks import grid_size
+
+    flat = [(i, {k: list(range(n)) for k, n in b.items()}) for i, b in enumerate(blocks)]
+    expanded = sum(1 for _ in _combinations(flat)) * seeds
+    assert grid_size((b for _, b in flat), seeds) == expanded
+
+
+def test_grid_above_the_limit_is_refused_and_the_limit_can_be_raised():
+    doc = suite_of(sweep=[{"memory": [16, 32, 64]}], suite={"name": "t", "seeds": [0, 1]})
+    with pytest.raises(SuiteError, match="expands to 8 trials, above the limit of 7"):
+        parse_suite(to_toml(doc), max_trials=7)
+    assert len(parse_suite(to_toml(doc), max_trials=8).trials) == 8
+
+
+def test_each_combination_is_checked_once_whatever_the_seeds(monkeypatch):
+    import harness.build
+
+    calls = []
+    real = harness.build.check_trial
+    monkeypatch.setattr(harness.build, "check_trial", lambda cfg: calls.append(cfg) or real(cfg))
+    doc = suite_of(sweep=[{"memory": [16, 32]}], suite={"name": "t", "seeds": [0, 1, 2, 3]})
+    s = parse_suite(to_toml(doc))
+    assert len(s.trials) == 12 and len(calls) == 3  # baseline + 2 memory sizes
+
+
+def test_seed_copies_equal_validated_configs():
+    """Seeds after the first are copies of the validated config: they must be exactly what
+    validating each seed would give (same trial ids)."""
+    from harness.config import TrialConfig
+
+    doc = suite_of(sweep=[{"memory": [16]}], suite={"name": "t", "seeds": [3, 5]})
+    for t in parse_suite(to_toml(doc)).trials:
+        again = TrialConfig.model_validate(t.model_dump())
+        assert again == t and trial_id(again) == trial_id(t)
+
+
+def test_ten_thousand_trials_validate_in_seconds():
+    doc = suite_of(
+        sweep=[{"memory": list(range(64, 64 * 1000, 64))}],
+        suite={"name": "t", "seeds": list(range(10))},
+    )
+    import time
+
+    start = time.perf_counter()
+    s = parse_suite(to_toml(doc))
+    assert len(s.trials) == 10_000  # (1 + 999) × 10: the limit itself passes
+    assert time.perf_counter() - start < 60  # ~2 s on a 2-core machine; minutes before
+
+
+def test_problems_of_every_pass_are_reported_together():
+    """A schema problem no longer hides sweep and library problems (three rounds of fixes
+    before): all come in one SuiteError."""
+    doc = suite_of(
+        train={**BASE["train"], "stpes": 3},
+        baseline={**BASE["baseline"], "miner": "batch_hrd"},
+        sweep=[{"memroy": [1]}, {"head": ["cosfac"]}],
+    )
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc), path="s.toml")
+    text = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 4, text
+    for hint in ("'steps'", "'memory'", "'batch_hard'", "'cosface'"):
+        assert f"did you mean {hint}?" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "hint"),
+    [
+        ({"trian": {"steps": 3}}, "'train'"),
+        ({"train": {**BASE["train"], "bacth": 8}}, "'batch'"),
+        ({"eval": {"fars": [0.1]}}, "'far'"),
+        ({"data": {**BASE["data"], "test_identites": 40}}, "'test_identities'"),
+        ({"model": {**BASE["model"], "kind": "mpl"}}, "'mlp'"),
+        ({"baseline": {**BASE["baseline"], "loss": "tripplet"}}, "'triplet'"),
+        ({"sweep": [{"train": {"lrr": [0.1]}}]}, "'lr'"),
+    ],
+)
+def test_did_you_mean(change, hint):
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(suite_of(**change)))
+    assert f"did you mean {hint}?" in "\n".join(info.value.problems), info.value.problems
+
+
+def test_no_hint_when_nothing_is_close():
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(suite_of(train={**BASE["train"], "qqqqqq": 1})))
+    assert info.value.problems == ["<suite>: train.qqqqqq: unknown key"]
+
+
+@pytest.mark.parametrize(("n", "ok"), [(32, False), (33, True)])  # 32·31 = 992, 33·32 = 1056
+def test_far_the_test_set_cannot_support(n, ok):
+    doc = suite_of(data={**BASE["data"], "test_identities": n}, eval={"far": [1e-1, 1e-3]})
+    if ok:
+        assert parse_suite(to_toml(doc)).trials
+        return
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc))
+    assert info.value.problems == [
+        "<suite>: eval.far: TAR@FAR 0.001 needs ≥ 1,000 impostor pairs but the test set has 992 "
+        "(data.test_identities = 32 gives 32·31); raise the test set or drop this FAR (it would "
+        "be n/a)"
+    ]
+
+
+def test_far_support_of_a_swept_test_set_names_the_sweep():
+    doc = suite_of(eval={"far": [1e-3]}, sweep=[{"data": {"test_identities": [20]}}])
+    doc["data"] = {**BASE["data"], "test_identities": 40}
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc))
+    assert len(info.value.problems) == 1
+    assert "sweep[0] combination (data.test_identities=20)" in info.value.problems[0]
+
+
+def test_non_utf8_and_deeply_nested_files_are_suite_errors(tmp_path):
+    from harness.suite import load_suite
+
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'[suite]\nname = "caf\xe9"\n')
+    with pytest.raises(SuiteError, match="not UTF-8"):
+        load_suite(bad)
+    with pytest.raises(SuiteError, match="nested"):
+        parse_suite("x = " + "[" * 10_000 + "]" * 10_000)
