@@ -182,7 +182,10 @@ class TrainCfg(_Strict):
     compile: bool = Field(default=False, description="torch.compile the backbone")
     # checkpoints
     checkpoint_every: int = Field(
-        default=0, ge=0, description="checkpoint every N steps (0 = never); --resume continues"
+        default=1000,
+        ge=0,
+        description="checkpoint every N steps (0 = never); `hembench run --resume` continues "
+        "an interrupted trial from its last checkpoint",
     )
     save_model: bool = Field(default=True, description="write model.pt at the end of the trial")
     # execution

@@ -140,3 +140,16 @@ def test_cosine_schedule_with_adamw_runs_a_trial():
     ).trials[0]
     row, curves = run_trial(cfg)
     assert len(curves["loss"]) == 10 and math.isfinite(row["final_loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["", 'plb = "exact"\nvirtual_batch = 32', 'head = "cosface"'])
+def test_fp16_with_grad_scaler_on_cuda(method):
+    """fp16 autocast + GradScaler (PLB takes the scaler through its AMP contract)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    text = suite_text(train='precision = "fp16"', baseline=method).replace(
+        'device = "cpu"', 'device = "cuda"'
+    )
+    row, curves = run_trial(parse_suite(text).trials[0])
+    assert math.isfinite(row["final_loss"]) and len(curves["loss"]) == 10
