@@ -10,17 +10,27 @@ before anything runs. Three kinds of step (`build_step`):
 - head:           loss = head.loss(model(x), y)   (classification with a margin head)
 
 The backbone forward runs under the trial's autocast (`harness.recipe.Precision`); losses,
-mining and margins are computed on float32 embeddings.
+mining and margins are computed on float32 embeddings (float64 ones stay float64).
+
+Inside a process group of W > 1 ranks (`harness.ddp`) the same three steps run data-parallel,
+each rank on its share of the global batch (docs/scale_out.md §5): the backbone in
+DistributedDataParallel, the objective in `mining.distributed.GlobalBatchLoss` (mining and the
+CB-HEM memory see the global batch, identical on every rank), PLB in chunks of train.batch / W
+under `gradients_synced_after` (one all-reduce per step), a margin head replicated (DDP over
+backbone + head; the logged loss is the mean over ranks).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
 from harness.data import DATA_KINDS, IvSData, build_data, validate_data
@@ -28,6 +38,7 @@ from harness.models import MODELS, build_model
 from harness.recipe import Precision
 from mining.heads import HEADS, make_head
 from mining.losses import LOSSES
+from mining.distributed import GlobalBatchLoss, gradients_synced_after, rank_and_world_size
 from mining.miners import MINERS
 from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch
@@ -81,16 +92,22 @@ def build_step(
 ) -> tuple[StepFn, list[nn.Parameter], Any]:
     """The step function, the parameters to optimise, and the objective or head it trains
     (the stateful part a checkpoint must hold). The backbone runs under `precision`'s
-    autocast; embeddings are cast to float32 before the loss; backward goes through its
-    scaler (fp16)."""
+    autocast; embeddings are cast to float32 (at least) before the loss; backward goes through
+    its scaler (fp16). In a process group of W > 1 ranks, the data-parallel step (module
+    docstring); `x`, `y` are then this rank's share of the global batch."""
     prec = precision or Precision(None, None)
+    _, world = rank_and_world_size()
+    net = _ddp(backbone, device) if world > 1 and not cfg.method.head else backbone
 
     def embed(x: Tensor) -> Tensor:
         with prec.autocast(device):
-            return backbone(x).float()
+            return _at_least_float32(net(x))
 
     if cfg.method.head:
         h = head(cfg, ivs.num_classes, ivs.train.labels).to(device)
+        params = [*backbone.parameters(), *h.parameters()]
+        if world > 1:
+            return _ddp_head_step(backbone, h, device, prec, world), params, h
 
         def head_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
             emb = embed(x)
@@ -98,29 +115,75 @@ def build_step(
             prec.backward(loss)
             return loss.detach(), {}
 
-        return head_step, [*backbone.parameters(), *h.parameters()], h
+        return head_step, params, h
 
     obj = MetricObjective(**objective_kwargs(cfg))
+    loss_fn = GlobalBatchLoss(obj) if world > 1 else obj
     if cfg.method.plb != "off":
         plb = PseudoLargeBatch(
-            backbone, obj, chunk_size=cfg.train.batch, mode=cfg.method.plb,
+            net, loss_fn, chunk_size=cfg.train.batch // world, mode=cfg.method.plb,
             autocast_dtype=prec.dtype, scaler=prec.scaler,
         )  # fmt: skip
 
         def plb_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-            return plb(x, y).detach(), dict(obj.last_stats)
+            synced = gradients_synced_after(net) if world > 1 else contextlib.nullcontext()
+            with synced:  # W > 1: chunk backwards without communication, one all-reduce
+                loss = plb(x, y)
+            return loss.detach(), dict(obj.last_stats)
 
         return plb_step, list(backbone.parameters()), obj
 
     def metric_step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         emb = embed(x)
-        obj.before_loss(emb.detach(), y)
-        loss = obj(emb, y)
+        loss_fn.before_loss(emb.detach(), y)
+        loss = loss_fn(emb, y)
         prec.backward(loss)
-        obj.after_loss(emb.detach(), y)
+        loss_fn.after_loss(emb.detach(), y)
         return loss.detach(), dict(obj.last_stats)
 
     return metric_step, list(backbone.parameters()), obj
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """`module` in DDP on this rank's device (rank 0's parameters broadcast to every rank)."""
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+class _BackboneHead(nn.Module):
+    """Backbone + margin head as one module, so that one DDP averages the gradients of both."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, prec: Precision, device: torch.device):
+        super().__init__()
+        self.backbone, self.head, self.prec, self.device = backbone, head, prec, device
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        with self.prec.autocast(self.device):
+            emb = _at_least_float32(self.backbone(x))
+        return self.head.loss(emb, y)
+
+
+def _ddp_head_step(
+    backbone: nn.Module, h: nn.Module, device: torch.device, prec: Precision, world: int
+) -> StepFn:
+    """Replicated head: each rank's loss is the mean over its equal share of the batch, so
+    DDP's averaged gradient is the gradient of the global mean; the logged loss is the global
+    mean (an all-reduce of the ranks' losses)."""
+    pair = _ddp(_BackboneHead(backbone, h, prec, device), device)
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        loss = pair(x, y)
+        prec.backward(loss)
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        return mean / world, {}
+
+    return step
 
 
 # --- validation -------------------------------------------------------------------------------

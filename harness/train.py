@@ -9,6 +9,12 @@ Staleness, logged every `train.log_every` steps:
 - memory_share, neg_age: from the objective's `last_stats` (fraction of mined negatives that
   came from the memory, their mean age in steps); None without a memory.
 - drift: see `DriftProbe`.
+
+Data-parallel (inside a process group of W > 1 ranks, `harness.ddp`): every rank draws the same
+global batch of N samples and trains on its share, rows [r·N/W, (r+1)·N/W) — whole identities,
+rank order = the global batch's order; rank 0 alone probes drift, reports progress, writes
+checkpoints and the model (every rank resumes from the same checkpoint file); a `[debug]` fault
+is injected in the last rank only (the failure of a rank that does not report).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from harness.data.stream import default_workers
 from harness.measure import StepTimer
 from harness.recipe import Precision, make_optimizer, make_scheduler
 from harness.records import CURVE_COLUMNS, NonFiniteLoss, config_key
+from mining.distributed import rank_and_world_size
 
 # curve columns summarised over the last steps into the trial's row
 _SUMMARISED = ("memory_share", "neg_age", "drift")
@@ -119,6 +126,7 @@ class Trainer:
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
         self.progress, self.workdir = progress, workdir
         tr, self.n = cfg.train, cfg.virtual_batch
+        self.rank, self.world = rank_and_world_size()
         self.precision = Precision.of(tr, device)
         self.step_fn, params, self.stateful = build_step(cfg, model, data, device, self.precision)
         self.optimizer = make_optimizer(tr, params)
@@ -126,7 +134,8 @@ class Trainer:
         self.probe = DriftProbe(data.probe_x(PROBE_SIZE).to(device), cfg.method.memory, self.n,
                                 tr.log_every)  # fmt: skip
         self.timer = StepTimer(device)
-        self.injector = Injector(cfg.debug.inject, cfg.debug.inject_step, deadline_check)
+        inject = cfg.debug.inject if self.rank == self.world - 1 else "none"
+        self.injector = Injector(inject, cfg.debug.inject_step, deadline_check)
         self.deadline_check = deadline_check
         self.curves: dict[str, list[Any]] = {k: [] for k in CURVE_COLUMNS}
         self.start = 0
@@ -156,13 +165,18 @@ class Trainer:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) on the device, batch after batch from `self.start` on (a resumed trial skips
-        the batches it already trained on, at the index level: the sampler is seeded)."""
+        the batches it already trained on, at the index level: the sampler is seeded). With
+        W > 1 ranks, this rank's share of each global batch (module docstring)."""
         tr, cuda = self.cfg.train, self.device.type == "cuda"
         workers = default_workers() if tr.workers == "auto" else tr.workers
+        share = self.n // self.world
+        lo = self.rank * share
         for x, y in self.data.train_batches(
             self.n, tr.samples_per_identity, self.cfg.seed,
             workers=workers, pin_memory=cuda, start=self.start,
         ):  # fmt: skip
+            if self.world > 1:
+                x, y = x[lo : lo + share], y[lo : lo + share]
             if tr.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
@@ -193,7 +207,7 @@ class Trainer:
             "samples_per_s": rate,
             "memory_share": stats.get("memory_share"),
             "neg_age": stats.get("neg_age"),
-            "drift": self.probe(self.model),
+            "drift": self.probe(self.model) if self.rank == 0 else None,
         }
         for k, v in point.items():
             self.curves[k].append(v)
@@ -205,12 +219,14 @@ class Trainer:
         every, done = self.cfg.train.checkpoint_every, step + 1
         if not every or self.workdir is None or done % every or done == self.cfg.train.steps:
             return
+        if self.rank:  # rank 0 writes; the state is the same on every rank
+            return
         t0 = time.perf_counter()
         self.info["checkpoint_bytes"] = save_checkpoint(self.workdir, done, self.state(done))
         self.info["checkpoint_s"] += time.perf_counter() - t0
 
     def finish(self) -> dict[str, Any]:
-        if self.workdir is not None and self.cfg.train.save_model:
+        if self.workdir is not None and self.cfg.train.save_model and self.rank == 0:
             save_model(self.workdir, self.model)
         tail = max(1, len(self.curves["step"]) // 10)
         summary = {"steps": self.cfg.train.steps, "final_loss": _mean(self.curves["loss"][-tail:])}
