@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from typer.core import TyperGroup
 
-from harness.config import TrialConfig, estimated_extra_mib
+from harness.config import estimated_extra_mib
 from harness.records import method_name
 from harness.suite import Suite, trial_id
 
@@ -60,47 +60,37 @@ class OneLineErrors(TyperGroup):
 PLAN_HEADER = (
     "#", "trial id", "seed", "method", "memory", "N", "variant", "timeout s", "est. extra MiB",
 )  # fmt: skip
-# keys shown in columns of their own (or in the method's name), and execution-only keys
-_SHOWN = {
-    "suite", "seed", "method.miner", "method.loss", "method.plb", "method.head",
-    "method.memory", "method.virtual_batch", "train.device", "train.threads",
-    "train.log_every", "train.nvml_interval_s", "train.workers",
-}  # fmt: skip
+# swept keys shown in columns of their own, or in the method's name
+_IN_COLUMNS = {"memory", "virtual_batch", "miner", "loss", "plb", "head"}
 
 
-def _flat(cfg: TrialConfig) -> dict[str, Any]:
-    """The resolved config as dotted keys (method keys bare, head/objective params as
-    `head.s`), without the keys of _SHOWN."""
-    out: dict[str, Any] = {}
-    for section, body in cfg.model_dump(mode="json").items():
-        if not isinstance(body, dict):
-            continue
-        for key, value in body.items():
-            if key in ("head_params", "objective_params"):
+def variants(suite: Suite) -> list[str]:
+    """Per trial, `key=value` of the values its sweep block set, other than method, memory and
+    N (`data.imbalance=1.5 train.lr=0.05`, head parameters as `head.s=32.0`); "" for the
+    baseline."""
+    out = []
+    for combo in suite.swept or [{}] * len(suite.trials):
+        parts = []
+        for key, value in sorted(combo.items()):
+            if isinstance(value, dict):  # head_params / objective_params
                 prefix = key.removesuffix("_params")
-                out.update({f"{prefix}.{k}": v for k, v in value.items()})
-            elif f"{section}.{key}" not in _SHOWN:
-                out[key if section == "method" else f"{section}.{key}"] = value
+                parts += [f"{prefix}.{k}={v}" for k, v in sorted(value.items())]
+            elif key not in _IN_COLUMNS:
+                parts.append(f"{key}={value}")
+        out.append(" ".join(parts))
     return out
 
 
-def variants(trials: list[TrialConfig]) -> list[str]:
-    """Per trial, `key=value` of every swept key other than method, memory and N that varies
-    across the suite (`train.lr=0.05 data.imbalance=1.5`); "" when none does."""
-    flats = [_flat(t) for t in trials]
-    keys = sorted(
-        k for k in {k for f in flats for k in f} if len({repr(f.get(k)) for f in flats}) > 1
-    )
-    return [" ".join(f"{k}={f.get(k, 'default')}" for k in keys) for f in flats]
-
-
 def plan_rows(suite: Suite) -> list[list[str]]:
+    """One row per trial, in PLAN_HEADER's order."""
     timeout = suite.meta.timeout_s
     limit = "none" if timeout is None else f"{timeout:g}"
+    ids = suite.ids or [trial_id(t) for t in suite.trials]
+    rows = zip(suite.trials, ids, variants(suite), strict=True)
     return [
         [
             str(i),
-            trial_id(t),
+            tid,
             str(t.seed),
             method_name(t),
             str(t.method.memory),
@@ -109,7 +99,7 @@ def plan_rows(suite: Suite) -> list[list[str]]:
             limit,
             f"{estimated_extra_mib(t):.1f}",
         ]
-        for i, (t, variant) in enumerate(zip(suite.trials, variants(suite.trials), strict=True))
+        for i, (t, tid, variant) in enumerate(rows)
     ]
 
 

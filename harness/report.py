@@ -342,13 +342,11 @@ def print_table(
     More than PLAIN_ROWS rows: aligned plain text."""
     if len(rows) > PLAIN_ROWS:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        console.out(title, highlight=False)
+        lines = [title]
         for r in [list(header), *rows]:
-            line = "  ".join(
-                c.ljust(w) if h in left else c.rjust(w)
-                for c, w, h in zip(r, widths, header, strict=True)
-            )
-            console.out(line.rstrip(), highlight=False)
+            cells = zip(r, widths, header, strict=True)
+            lines.append("  ".join(c.ljust(w) if h in left else c.rjust(w) for c, w, h in cells))
+        console.out("\n".join(line.rstrip() for line in lines), highlight=False)  # one write
         return
     table = Table(title=title)
     for h in header:

@@ -62,7 +62,8 @@ class SuiteError(ValueError):
 
 class Suite(BaseModel):
     """A validated suite: its source text, its meta and its expanded trials (in order:
-    the baseline for every seed first, then the sweep blocks)."""
+    the baseline for every seed first, then the sweep blocks); per trial, its id and the sweep
+    values that made it (`swept`, {} for the baseline)."""
 
     model_config = ConfigDict(frozen=True)
     path: str
@@ -70,6 +71,8 @@ class Suite(BaseModel):
     meta: SuiteMeta
     baseline: TrialConfig
     trials: list[TrialConfig]
+    ids: list[str] = []
+    swept: list[dict[str, Any]] = []
 
     @property
     def name(self) -> str:
@@ -136,11 +139,20 @@ def parse_suite(
         problems.append(grid)
     if grid is None:
         grid_check = _Grid(repaired.raw, check, lenient=bool(problems))
-        trials = grid_check.expand(top.suite.seeds, sweep)
+        grid_check.expand(top.suite.seeds, sweep)
         problems += [m for m in grid_check.problems if m not in problems]
     if problems:
         raise SuiteError([f"{path}: {m}" for m in problems])
-    return Suite(path=path, text=text, meta=top.suite, baseline=trials[0], trials=trials)
+    g = grid_check  # model_construct: every part is validated already (10^4 trials)
+    return Suite.model_construct(
+        path=path,
+        text=text,
+        meta=top.suite,
+        baseline=g.trials[0],
+        trials=g.trials,
+        ids=g.ids,
+        swept=g.swept,
+    )
 
 
 def _toml(text: str, path: str, device: str | None) -> dict[str, Any]:
@@ -248,8 +260,11 @@ class _Grid:
         self._seen: set[tuple[str, str]] = set()
         self._fars: dict[str, list[tuple[str, str]]] = {}
 
-    def expand(self, seeds: list[int], sweep: list[tuple[int, Block]]) -> list[TrialConfig]:
-        trials: list[TrialConfig] = []
+    def expand(self, seeds: list[int], sweep: list[tuple[int, Block]]) -> None:
+        """Fill `trials`, `ids` and `swept` (duplicates removed, the first one kept)."""
+        self.trials: list[TrialConfig] = []
+        self.ids: list[str] = []
+        self.swept: list[dict[str, Any]] = []
         seen: set[str] = set()
         for where, combo in _combinations(sweep):
             cfg = self._validated(seeds[0], combo, where)
@@ -259,8 +274,9 @@ class _Grid:
                 t = cfg if seed == cfg.seed else cfg.model_copy(update={"seed": seed})
                 if (tid := trial_id(t)) not in seen:
                     seen.add(tid)
-                    trials.append(t)
-        return trials
+                    self.trials.append(t)
+                    self.ids.append(tid)
+                    self.swept.append(combo)
 
     def _validated(self, seed: int, combo: dict[str, Any], where: str) -> TrialConfig | None:
         """The resolved config of one grid cell, or None with its problems recorded."""

@@ -172,7 +172,7 @@ def test_plan_shows_variant_and_timeout_and_warns_on_oversubscription(tmp_path):
     assert r.exit_code == 0, r.output
     assert "variant" in r.output and "timeout s" in r.output and "77" in r.output
     assert "data.imbalance=1.5 train.lr=0.05" in r.output
-    assert "data.imbalance=default train.lr=0.1" in r.output
+    assert r.output.count("data.imbalance=") == 1  # the baseline's variant is empty
     assert "warning: train.threads = 64 × --jobs 64 = 4096 threads" in r.output
     path.write_text(PLAN_SUITE.replace("threads = 64", "threads = 0"))
     r = runner.invoke(app, ["plan", str(path), "--jobs", "64"])
