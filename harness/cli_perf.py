@@ -1,7 +1,8 @@
 """Performance-regression commands (`hembench bench`, `hembench compare`), registered on the app.
 
 Kept apart from cli.py so the regression tooling can evolve on its own.
-Exit codes: 0 ok, 1 regression, 2 bad or missing baseline / run directory / option.
+Exit codes: 0 ok, 1 regression, 2 bad or missing baseline / run directory / option (one
+`error:` line on stderr).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness import cli_show
 from harness import compare as cmp
 from harness.envinfo import collect_env
 from harness.results import RunDirError, load_run
@@ -33,7 +35,8 @@ console = _WideConsole()
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    """One `error:` line on stderr (no markup, never wrapped); raise the returned Exit(2)."""
+    cli_show.error(message)
     return typer.Exit(2)
 
 

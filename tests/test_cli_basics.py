@@ -219,3 +219,9 @@ def test_progress_on_a_narrow_terminal_keeps_count_and_eta_on_their_own_row():
         text = "".join(seg.text for line in bar for seg in line)
         assert "0/5" in text and "ETA" in text
         assert "step 7/40" in prog._progress.current
+
+
+def test_compare_and_bench_errors_are_one_line_on_stderr(tmp_path):
+    r = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert r.exit_code == 2
+    assert r.stdout == "" and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
