@@ -52,6 +52,12 @@ def test_same_batches_whatever_the_workers_and_seeded_flips(tmp_path):
         assert xa.dtype == torch.float32 and xa.shape == (6, 3, 8, 8) and ya.dtype == torch.int64
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert (ya.view(2, 3) == ya.view(2, 3)[:, :1]).all()  # P identities × K photos
+    # uint8 batches (to normalise on the device) are the same pixels
+    from harness.data.stream import normalize
+
+    raw = take(d.train_batches(6, 3, 5, workers=1, uint8=True), 6)
+    for (xa, ya), (xr, yr) in zip(in_process, raw, strict=True):
+        assert xr.dtype == torch.uint8 and torch.equal(normalize(xr), xa) and torch.equal(ya, yr)
     flips = torch.cat([left_is_bright(x) for x, _ in in_process])
     assert 0 < flips.sum() < flips.numel()  # about half are mirrored
     # another seed: other batches; flip = false: never mirrored, otherwise the same batches

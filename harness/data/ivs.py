@@ -122,6 +122,7 @@ class IvSData:
         workers: int = 0,
         pin_memory: bool = False,
         start: int = 0,
+        uint8: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless training batches (x float32 (n, *input_shape) on the CPU, y int64 (n,)):
         P = n // k identities × k photos each, grouped by identity, the ID photo (domain 0)
@@ -137,6 +138,10 @@ class IvSData:
         `start` skips the first `start` batches at the index level, without decoding them (a
         trial resumed from a checkpoint continues with the batch it would have drawn next, flips
         included: the flips of batch b are drawn from a generator seeded by (seed, b)).
+
+        `uint8` (image kinds only; others ignore it): x is yielded as uint8 pixels (n, C, H,
+        W), a quarter of the bytes, to be normalised where it is used (e.g. on the GPU) with
+        `harness.data.stream.normalize` — the same float32 values as without it.
 
         Raises ValueError (at the call, before any batch) when n is not a positive multiple of
         k, or fewer than P training identities have ≥ k samples.
@@ -154,7 +159,7 @@ class IvSData:
         labels = self.train.labels
         if self.source is not None:
             return self.source.train_batches(
-                epochs(), labels, seed, workers, pin_memory, start=start
+                epochs(), labels, seed, workers, pin_memory, start=start, uint8=uint8
             )
         x = self.train.x
         assert x is not None
