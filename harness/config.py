@@ -179,7 +179,10 @@ class TrainCfg(_Strict):
         default="fp32", description="autocast dtype of the backbone (fp16: CUDA, GradScaler)"
     )
     channels_last: bool = Field(default=False, description="channels_last memory format (CNNs)")
-    compile: bool = Field(default=False, description="torch.compile the backbone")
+    compile: bool | Literal["inductor", "cudagraphs", "aot_eager", "eager"] = Field(
+        default=False,
+        description="torch.compile the backbone (true = the inductor backend, or a backend name)",
+    )
     # checkpoints
     checkpoint_every: int = Field(
         default=1000,

@@ -180,7 +180,10 @@ def _placed(model: torch.nn.Module, cfg: TrialConfig) -> torch.nn.Module:
     """`train.channels_last` and `train.compile` applied to the backbone on its device."""
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.train.compile else model
+    if not cfg.train.compile:
+        return model
+    backend = "inductor" if cfg.train.compile is True else cfg.train.compile
+    return torch.compile(model, backend=backend)
 
 
 @torch.no_grad()
