@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.data.image_folder import decode
-from harness.data.stream import BadSample
+from harness.data.stream import BadSample, normalize
 from harness.metrics import kfold_accuracy, tar_at_far
 from harness.records import far_key
 
@@ -75,16 +75,15 @@ class VerificationSet:
     def decode_block(self, start: int, stop: int, flip: bool = False) -> torch.Tensor:
         """float32 (stop − start, channels, size, size) in [−1, 1] (mirrored with `flip`);
         ValueError naming the file and the image for an undecodable image."""
-        out = np.empty((stop - start, self.channels, self.image_size, self.image_size), np.float32)
+        out = np.empty((stop - start, self.channels, self.image_size, self.image_size), np.uint8)
         for i in range(start, stop):
             where = f"{self.path} image {i}"
             try:
                 a = decode(io.BytesIO(self.images[i]), self.image_size, self.channels, where)
             except BadSample as e:
                 raise ValueError(str(e)) from None
-            x = (a.astype(np.float32) / 255.0 - 0.5) / 0.5
-            out[i - start] = x[..., ::-1] if flip else x
-        return torch.from_numpy(out)
+            out[i - start] = a[..., ::-1] if flip else a
+        return normalize(torch.from_numpy(out))
 
 
 def read_bin(path: str | Path, image_size: int = 112, channels: int = 3) -> VerificationSet:
@@ -142,7 +141,7 @@ def embed_set(
     flip: bool = False,
     block: int = 256,
 ) -> torch.Tensor:
-    """L2-normalised float32 (2·n, d) embeddings of every image of `vs` on the CPU; `embed` is
+    """L2-normalised float64 (2·n, d) embeddings of every image of `vs` on the CPU; `embed` is
     called on float32 CPU blocks of at most `block` images. With `flip`, each embedding is the
     sum of the image's and its mirror's (before normalisation)."""
     parts = []
@@ -152,7 +151,7 @@ def embed_set(
         if flip:
             e = e + embed(vs.decode_block(s, stop, flip=True)).float().cpu()
         parts.append(e)
-    return F.normalize(torch.cat(parts), dim=1)
+    return F.normalize(torch.cat(parts).double(), dim=1)  # float64: tiny or huge rows too
 
 
 def evaluate_bin(
@@ -172,7 +171,7 @@ def evaluate_bin(
     .bin or an undecodable image."""
     vs = read_bin(path, image_size, channels)
     emb = embed_set(embed, vs, flip=flip, block=block)
-    scores = (emb[0::2] * emb[1::2]).sum(dim=1).double().numpy()
+    scores = (emb[0::2] * emb[1::2]).sum(dim=1).numpy()
     out = {f"{vs.name}_acc": kfold_accuracy(scores, vs.issame, min(folds, len(scores)))[0]}
     for far in fars:
         out[f"{vs.name}_{far_key(far)}"] = tar_at_far(scores, vs.issame, far)
