@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from harness.config import estimated_extra_mib
+from harness.executors.placement import usable_cores
 from harness.records import method_name
 from harness.suite import Suite, trial_id
 
@@ -106,7 +106,7 @@ def plan_rows(suite: Suite) -> list[list[str]]:
 def oversubscription(suite: Suite, jobs: int, cores: int | None = None) -> str | None:
     """A warning when CPU trials with an explicit `train.threads` × `jobs` concurrent trials ask
     for more threads than there are cores (they then slow each other down, often 10× or more)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()  # as the runner counts them (affinity mask)
     threads = max((t.train.threads for t in suite.trials if t.train.device != "cuda"), default=0)
     if threads * jobs <= cores:
         return None
