@@ -13,6 +13,7 @@ from harness.pretrain import pretrain_key
 from harness.suite import SuiteError, parse_suite
 from harness.trial import run_trial
 from tests.test_checkpoint import TIMING, Interrupt, _nan_safe
+from tests.test_recipe import suite_text
 
 WORLD = {"kind": "synthetic_ivs", "identities": 40, "test_identities": 20, "dim": 16}
 
@@ -38,34 +39,8 @@ def test_web_photos_of_other_identities_in_the_same_world():
 
 
 def suite(pretrain: str = "", sweep: str = "") -> str:
-    return f"""
-[suite]
-name = "pre"
-seeds = [0]
-[data]
-kind = "synthetic_ivs"
-identities = 96
-test_identities = 48
-dim = 16
-lookalike_groups = 8
-[model]
-kind = "mlp"
-embedding = 16
-[train]
-steps = 6
-batch = 16
-lr = 0.02
-device = "cpu"
-threads = 1
-[baseline]
-miner = "batch_hard"
-loss = "triplet"
-{sweep}
-[eval]
-far = [1e-1]
-[pretrain]
-{pretrain}
-"""
+    """The recipe tests' small suite (6 steps), with a sweep block and a [pretrain] table."""
+    return f"{suite_text(steps=6)}\n{sweep}\n[pretrain]\n{pretrain}\n"
 
 
 PRETRAIN = """steps = 5
