@@ -189,8 +189,10 @@ def aggregate(frame: pl.DataFrame, far: float | None = None) -> pl.DataFrame:
 
 def _cell(row: dict[str, Any], m: str) -> str:
     mean = row.get(f"{m}_mean")
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if mean is None:
         return "—"
+    if isinstance(mean, float) and math.isnan(mean):
+        return "n/a"  # e.g. TAR at a FAR the test set is too small to measure
     info = metric_info(m)
     digits = info.digits if info else 3
     text = f"{mean:.{digits}f}"
@@ -319,6 +321,8 @@ def trial_rows(frame: pl.DataFrame, far: float | None = None) -> tuple[list[str]
 def _value(v: Any, metric: str | None) -> str:
     if v is None:
         return "—"
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
     if metric is None:
         return _first_line(v) if isinstance(v, str) else str(v)
     info = metric_info(metric)

@@ -144,3 +144,13 @@ def test_one_trial_written_twice_counts_as_one_seed():
     agg = report.aggregate(pl.DataFrame([*rows, dup]), far=1e-1)
     assert agg["n"].to_list() == [2]
     assert agg["tar@1e-1_mean"][0] == pytest.approx((0.3 + 0.4) / 2)
+
+
+def test_unmeasurable_figures_read_n_a_not_nan():
+    """TAR at a FAR the test set cannot support is NaN in the row: it reads "n/a"."""
+    f = frame({(0, 32): [0.5, 0.7]}).with_columns(pl.lit(float("nan")).alias("tar@1e-3"))
+    buf = io.StringIO()
+    report.show(f, "markdown", 1e-3, Console(file=buf, width=200))
+    assert "n/a" in buf.getvalue() and "nan" not in buf.getvalue()
+    header, rows = report.trial_rows(f, 1e-3)
+    assert rows[0][header.index("tar@1e-3")] == "n/a"
