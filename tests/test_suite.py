@@ -62,7 +62,8 @@ def suite_of(**changes) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("name", "count"), [("smoke", 5), ("ivs_ablation", 66), ("heads", 48), ("plb_memory", 10)]
+    ("name", "count"),
+    [("smoke", 5), ("ivs_ablation", 66), ("heads", 48), ("plb_memory", 10), ("finetune", 32)],
 )
 def test_shipped_suites_validate(name, count):
     s = parse_suite((SUITES / f"{name}.toml").read_text(), path=name)
@@ -457,3 +458,11 @@ def test_non_utf8_and_deeply_nested_files_are_suite_errors(tmp_path):
         load_suite(bad)
     with pytest.raises(SuiteError, match="nested"):
         parse_suite("x = " + "[" * 10_000 + "]" * 10_000)
+
+
+def test_a_sweep_problem_does_not_hide_a_cross_field_rule():
+    doc = suite_of(sweep=[{"memroy": [1]}, {"plb": ["exact"], "virtual_batch": [12]}])
+    with pytest.raises(SuiteError) as info:
+        parse_suite(to_toml(doc))
+    text = "\n".join(info.value.problems)
+    assert "memroy" in text and "virtual_batch=12 must be a multiple" in text, text
