@@ -130,6 +130,7 @@ def parse_suite(
     raw = _toml(text, path, device)
     problems: list[str] = []
     top, repaired = _top_level(raw, problems)
+    lenient = bool(problems)  # keys were dropped: defaults stand in for them
     sweep = [(i, _flatten(b)) for i, b in enumerate(top.sweep) if i not in repaired.bad_blocks]
     for i, block in sweep:
         problems += checks.sweep_problems(i, block)
@@ -138,7 +139,7 @@ def parse_suite(
     if grid := checks.grid_problem(size, max_trials):
         problems.append(grid)
     if grid is None:
-        grid_check = _Grid(repaired.raw, check, lenient=bool(problems))
+        grid_check = _Grid(repaired.raw, check, lenient)
         grid_check.expand(top.suite.seeds, sweep)
         problems += [m for m in grid_check.problems if m not in problems]
     if problems:
