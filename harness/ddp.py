@@ -101,10 +101,12 @@ def run_ranks(
 
     `rank_fn`, `error_text` and `model_fn` are pickled to the ranks (module-level functions).
     `model_fn(cfg, data) -> nn.Module` replaces `harness.build.model` in every rank (tests use
-    it for a BatchNorm-free float64 backbone). `threads`: torch threads of each rank.
+    it for a BatchNorm-free float64 backbone). Torch threads of each rank: `train.threads`
+    when set, else the trial's share `threads` (the runner's choice) split between the ranks.
     Raises `RankFailed` (or the rank's `NonFiniteLoss` / OOM / `TrialTimeout`) on failure.
     """
     world = cfg.train.world_size
+    threads = cfg.train.threads or (max(1, threads // world) if threads else None)
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available()
                           else "cpu")  # fmt: skip
     if device.type == "cuda" and torch.cuda.device_count() < world:
@@ -183,16 +185,21 @@ def _supervise(
 def _failure(
     world: int, errors: list[tuple[float, int, str, str]], deaths: list[tuple[int, int]]
 ) -> Exception:
-    """The exception for the parent: the root cause first (a rank that died without a word
-    before the errors its peers saw, else the earliest error), the other ranks after it."""
+    """The exception for the parent: the root cause in full (a rank that died without a word
+    before the errors its peers then saw, else the earliest error), the other ranks' errors by
+    type only (they are mostly a collective that lost its peer)."""
     reported = {rank for _, rank, _, _ in errors}
     silent = [(r, code) for r, code in deaths if r not in reported]
-    parts = [f"rank {r} of {world} {_death(code)} without a result" for r, code in silent]
-    parts += [f"rank {r} of {world}: {text}" for _, r, _, text in sorted(errors)]
-    cls: type[Exception] = RankFailed
-    if not silent and errors:
-        cls = _KEPT_TYPES.get(sorted(errors)[0][2], RankFailed)
-    return cls("; ".join(parts))
+    errors = sorted(errors)
+    if silent:
+        cause, cls = f"rank {silent[0][0]} of {world} {_death(silent[0][1])} without a result", None
+    else:
+        cause, cls = f"rank {errors[0][1]} of {world}: {errors[0][3]}", errors[0][2]
+        errors = errors[1:]
+    others = [f"rank {r} {_death(code)}" for r, code in silent[1:]]
+    others += [f"rank {r}: {kind}" for _, r, kind, _ in errors]
+    text = cause + (f" (then {', '.join(others)})" if others else "")
+    return _KEPT_TYPES.get(cls or "", RankFailed)(text)
 
 
 def _death(code: int) -> str:
@@ -267,13 +274,12 @@ def _rank_main(
     _die_with_parent(parent_pid, rank)
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     try:
-        threads = threads or cfg.train.threads
         if threads:
             torch.set_num_threads(threads)
         if backend == "nccl":
             torch.cuda.set_device(rank)
         if model_fn is not None:
-            from harness import build  # noqa: PLC0415 (the rank's own copy of the module)
+            from harness import build
 
             build.model = model_fn
         dist.init_process_group(backend, init_method="env://", rank=rank,
@@ -290,7 +296,7 @@ def _rank_main(
             conn.send(("result", out, curves))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 — reported to the parent, then exit 1
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             conn.send(("error", time.time(), type(exc).__name__, error_text(exc)))
         conn.close()

@@ -110,8 +110,9 @@ def _state(workdir: Path, step: int = STEPS) -> dict:
 
 
 def _memory(workdir: Path) -> tuple[torch.Tensor, ...]:
+    """Every field of the CB-HEM memory: rows, labels, domains, write steps, pointer, count."""
     mem = _state(workdir)["stateful"]["memory"]
-    return tuple(mem[k] for k in ("emb", "labels")) + (torch.tensor(mem["size"]),)
+    return tuple(torch.as_tensor(mem[k]) for k in sorted(mem))
 
 
 def _close(a, b, tol: float) -> None:
@@ -211,7 +212,7 @@ def _failing_trial(cfg, watcher: _Watcher) -> tuple[BaseException, float]:
     watcher.start()
     try:
         run_trial(cfg, lambda p: watcher.started_training.set(), threads=1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return exc, time.monotonic()
     finally:
         watcher.stop = True
@@ -241,9 +242,11 @@ def test_sigkill_of_rank_1_fails_the_trial_within_bounded_time_and_leaves_no_pro
     assert not any(_alive(p) for p in watcher.pids.values())
 
 
-def test_nan_in_a_rank_keeps_its_status():
+def test_failure_text_names_the_root_cause_and_keeps_the_status():
     exc = ddp._failure(2, [(1.0, 1, "NonFiniteLoss", "NonFiniteLoss: loss is nan at step 3")], [])
     assert classify(exc) == "nan" and "rank 1 of 2" in str(exc)
     exc = ddp._failure(2, [(2.0, 0, "RuntimeError", "gloo: peer closed")], [(1, -9)])
     assert classify(exc) == "failed"
-    assert str(exc).startswith("rank 1 of 2 was killed by SIGKILL without a result; rank 0")
+    assert (
+        str(exc) == "rank 1 of 2 was killed by SIGKILL without a result (then rank 0: RuntimeError)"
+    )
