@@ -186,7 +186,9 @@ def section_help(section: str) -> str:
         return SECTION_HELP[section]
     model = _section_models().get(section)
     doc = (model.__doc__ or "") if model is not None else ""
-    return " ".join(doc.strip().split("\n\n")[0].split())
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    text = text.removeprefix(f"`[{section}]`:").strip()
+    return text[:1].upper() + text[1:]
 
 
 def _section_models() -> dict[str, type[BaseModel]]:
@@ -208,6 +210,8 @@ def toml_value(v: Any) -> str:
         return f"{v:g}" if ("e" in f"{v:g}" or v != int(v)) else f"{v:.1f}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, BaseModel):
+        v = v.model_dump(mode="json")
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
     return str(v)
