@@ -36,9 +36,15 @@ from harness.config import TrialConfig
 from harness.data import DATA_KINDS, IvSData, build_data, validate_data
 from harness.models import MODELS, build_model
 from harness.recipe import Precision
+from harness.sharded_head import ShardedMarginHead, check_shardable, gather_embeddings
+from mining.distributed import (
+    GlobalBatchLoss,
+    all_gather_rank_order,
+    gradients_synced_after,
+    rank_and_world_size,
+)
 from mining.heads import HEADS, make_head
 from mining.losses import LOSSES
-from mining.distributed import GlobalBatchLoss, gradients_synced_after, rank_and_world_size
 from mining.miners import MINERS
 from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch
@@ -76,8 +82,15 @@ def objective_kwargs(cfg: TrialConfig) -> dict[str, Any]:
 
 def head(cfg: TrialConfig, num_classes: int, train_labels: Tensor | None = None) -> nn.Module:
     """The margin head `method.head` with `head_params`; class-size margins (HSM) get the
-    training class counts."""
-    h = make_head(cfg.method.head, cfg.model.embedding, num_classes, **cfg.method.head_params)
+    training class counts. `head_params.sharded` (bool, default false) is the data-parallel
+    layout of the head (`harness.sharded_head`), not a parameter of the head."""
+    params = dict(cfg.method.head_params)
+    sharded = params.pop("sharded", False)
+    if not isinstance(sharded, bool):
+        raise ValueError(f"sharded must be true or false; got {sharded!r}")
+    h = make_head(cfg.method.head, cfg.model.embedding, num_classes, **params)
+    if sharded:
+        check_shardable(cfg.method.head, h)
     if train_labels is not None and hasattr(h, "count_labels"):
         h.count_labels(train_labels)
     return h
@@ -106,6 +119,8 @@ def build_step(
     if cfg.method.head:
         h = head(cfg, ivs.num_classes, ivs.train.labels).to(device)
         params = [*backbone.parameters(), *h.parameters()]
+        if world > 1 and cfg.method.head_params.get("sharded"):
+            return _sharded_head_step(cfg, backbone, h, device, prec)
         if world > 1:
             return _ddp_head_step(backbone, h, device, prec, world), params, h
 
@@ -184,6 +199,26 @@ def _ddp_head_step(
         return mean / world, {}
 
     return step
+
+
+def _sharded_head_step(
+    cfg: TrialConfig, backbone: nn.Module, h: nn.Module, device: torch.device, prec: Precision
+) -> tuple[StepFn, list[nn.Parameter], Any]:
+    """Class-sharded head (`harness.sharded_head`): the backbone in DDP, the head's classes
+    split across ranks (not in DDP: every rank trains its own rows); the loss is global."""
+    rank, world = rank_and_world_size()
+    net = _ddp(backbone, device)
+    shard = ShardedMarginHead(cfg.method.head, h, rank, world)
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        with prec.autocast(device):
+            emb = _at_least_float32(net(x))
+        labels, _ = all_gather_rank_order(y)
+        loss = shard.loss(gather_embeddings(emb, float(world)), labels)
+        prec.backward(loss)
+        return loss.detach(), {}
+
+    return step, [*backbone.parameters(), *shard.parameters()], shard
 
 
 # --- validation -------------------------------------------------------------------------------

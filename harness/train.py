@@ -219,8 +219,8 @@ class Trainer:
         every, done = self.cfg.train.checkpoint_every, step + 1
         if not every or self.workdir is None or done % every or done == self.cfg.train.steps:
             return
-        if self.rank:  # rank 0 writes; the state is the same on every rank
-            return
+        if self.rank or not getattr(self.stateful, "checkpointable", True):
+            return  # rank 0 writes (the same state on every rank); a sharded head: no checkpoint
         t0 = time.perf_counter()
         self.info["checkpoint_bytes"] = save_checkpoint(self.workdir, done, self.state(done))
         self.info["checkpoint_s"] += time.perf_counter() - t0

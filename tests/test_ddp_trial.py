@@ -166,6 +166,30 @@ def test_margin_head_two_ranks_equal_one_process(tmp_path, monkeypatch):
     assert curves1["loss"][0] != curves1["loss"][-1]  # it trained
 
 
+def test_class_sharded_head_equals_replicated_head(tmp_path):
+    """`head_params.sharded = true` (Partial FC layout: each rank holds half of the classes,
+    distributed softmax): the same loss curve and backbone as the replicated head on 2 ranks."""
+    net = float64_net_float32_out
+    rep = 'head = "arcface"\nhead_params = {s = 16.0, interclass_filter = 0.3}'
+    shd = 'head = "arcface"\nhead_params = {s = 16.0, interclass_filter = 0.3, sharded = true}'
+    _, curves_r = _two_ranks(_cfg(2, method=rep), tmp_path / "rep", model_fn=net)
+    _, curves_s = _two_ranks(_cfg(2, method=shd), tmp_path / "shd", model_fn=net)
+    _close(torch.tensor(curves_s["loss"]), torch.tensor(curves_r["loss"]), 1e-5)
+    m_r, m_s = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("rep", "shd"))
+    _close(list(m_s.values()), list(m_r.values()), 1e-5)
+    assert not list((tmp_path / "shd").glob("ckpt-*.pt"))  # a sharded head is not checkpointed
+
+
+def test_sharded_head_rejects_heads_with_non_target_margins_at_validation():
+    from harness.suite import SuiteError
+
+    with pytest.raises(SuiteError, match=r"head_params.*sharded = true needs a head whose margin"):
+        _cfg(2, method='head = "curricularface"\nhead_params = {sharded = true}')
+    with pytest.raises(SuiteError, match="sharded must be true or false"):
+        _cfg(2, method='head = "cosface"\nhead_params = {sharded = 1}')
+    _cfg(2, method='head = "cosface"\nhead_params = {sharded = true}')  # valid
+
+
 # --- failures -----------------------------------------------------------------------------------
 
 
