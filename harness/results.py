@@ -258,8 +258,9 @@ def _atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def _read_each(files: list[Path], what: str) -> list[pl.DataFrame]:
-    """Every readable file as a frame; unreadable ones are named in one `RunDataWarning`."""
+def _read_each(files: list[Path], what: str, strict: bool = False) -> list[pl.DataFrame]:
+    """Every readable file as a frame; unreadable ones are named in one `RunDataWarning` (or,
+    with `strict`, a `RunDirError`)."""
     frames, bad = [], []
     for f in files:
         try:
@@ -267,19 +268,19 @@ def _read_each(files: list[Path], what: str) -> list[pl.DataFrame]:
         except Exception:  # polars raises several error types for corrupt files
             bad.append(f.name)
     if bad:
-        warnings.warn(
-            f"{files[0].parent}: skipped {len(bad)} unreadable {what} file(s): {', '.join(bad)}",
-            RunDataWarning,
-            stacklevel=3,
-        )
+        what = f"{len(bad)} unreadable {what} file(s): {', '.join(bad)}"
+        if strict:
+            raise RunDirError(f"{files[0].parent}: cannot read trial files: {what}")
+        warnings.warn(f"{files[0].parent}: skipped {what}", RunDataWarning, stacklevel=3)
     return frames
 
 
-def load_run(path: str | Path) -> pl.DataFrame:
+def load_run(path: str | Path, strict: bool = False) -> pl.DataFrame:
     """All readable trial rows of the run at `path`, sorted by trial_index then seed.
 
     Frames from different code versions are aligned by column name (missing columns become
-    null). An unreadable trial file is left out with a `RunDataWarning` naming it. Raises
+    null). An unreadable trial file is left out with a `RunDataWarning` naming it (`strict`, as
+    a regression gate wants: `RunDirError` "cannot read trial files" instead). Raises
     `RunDirError` naming the directory when it is not a run, holds no readable trial file, or
     its rows have no `status` column.
     """
@@ -293,7 +294,7 @@ def load_run(path: str | Path) -> pl.DataFrame:
         raise dir_error("cannot list", trials, exc) from None
     if not files:
         raise RunDirError(f"{path}: trials/ holds no .parquet files (no trial has finished)")
-    frames = _read_each(files, "trial")
+    frames = _read_each(files, "trial", strict)
     if not frames:
         raise RunDirError(f"{path}: none of the {len(files)} trial files is readable")
     try:

@@ -165,3 +165,12 @@ def test_os_errors_become_one_line(tmp_path):
         RunDir.create(tmp_path / "file", "s")
     with pytest.raises(RunDirError, match="too long"):
         RunDir.create(tmp_path / ("x" * 300), "s")
+
+
+def test_load_run_strict_refuses_an_unreadable_file(tmp_path):
+    """A regression gate (`compare`) must not pass on a run with rows silently left out."""
+    run = RunDir.create(tmp_path, "s")
+    run.write_outcome(outcome("a"))
+    (run.trials / "b.parquet").write_bytes(b"junk")
+    with pytest.raises(RunDirError, match=r"cannot read trial files: 1 unreadable.*b\.parquet"):
+        load_run(run.path, strict=True)
