@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from harness import ddp
+from harness.records import TrialTimeout
 from harness.suite import parse_suite
 from harness.trial import _run, classify, error_text, run_trial
 
@@ -180,6 +181,69 @@ def test_class_sharded_head_equals_replicated_head(tmp_path):
     assert not list((tmp_path / "shd").glob("ckpt-*.pt"))  # a sharded head is not checkpointed
 
 
+def _sharded_grad_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One step of each head on fixed float64 data: the sharded head on this rank's classes."""
+    import torch.distributed as dist
+
+    from harness.sharded_head import ShardedMarginHead, gather_embeddings
+    from mining.heads import make_head
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        out = {}
+        for name, params in HEADS_SHARDED:
+            torch.manual_seed(0)
+            full = make_head(name, 6, 7, **params).double()
+            emb_all, labels = _head_batch()
+            local = emb_all[rank * 5 : rank * 5 + 5].clone().requires_grad_()
+            shard = ShardedMarginHead(name, full, rank, 2)
+            loss = shard.loss(gather_embeddings(local, 1.0), labels)
+            loss.backward()
+            out[name] = (loss.detach(), local.grad, shard.weight.grad, (shard.lo, shard.hi))
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+HEADS_SHARDED = [
+    ("arcface", {"s": 16.0, "m": 0.5}),
+    ("cosface", {"s": 30.0, "interclass_filter": 0.2}),
+    ("arcface_nograd", {"s": 8.0}),
+]
+
+
+def _head_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(10, 6, generator=gen, dtype=torch.float64), torch.tensor(
+        [0, 0, 1, 2, 3, 3, 4, 5, 6, 6]
+    )
+
+
+def test_sharded_head_loss_and_gradients_equal_replicated_float64(tmp_path):
+    """2 gloo ranks, 7 classes split 3 + 4, 10 rows split 5 + 5: the loss, each rank's
+    embedding gradient and the concatenated weight gradient equal the replicated head's."""
+    import torch.multiprocessing as mp
+
+    from mining.heads import make_head
+
+    mp.spawn(_sharded_grad_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, params in HEADS_SHARDED:
+        torch.manual_seed(0)
+        full = make_head(name, 6, 7, **params).double()
+        emb, labels = _head_batch()
+        emb.requires_grad_()
+        loss = full.loss(emb, labels)
+        loss.backward()
+        (l0, g0, w0, (_, hi0)), (l1, g1, w1, (lo1, _)) = ranks[0][name], ranks[1][name]
+        assert hi0 == lo1 == 3
+        for got in (l0, l1):
+            torch.testing.assert_close(got, loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.cat([g0, g1]), emb.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.cat([w0, w1]), full.weight.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_sharded_head_rejects_heads_with_non_target_margins_at_validation():
     from harness.suite import SuiteError
 
@@ -193,8 +257,8 @@ def test_sharded_head_rejects_heads_with_non_target_margins_at_validation():
 # --- failures -----------------------------------------------------------------------------------
 
 
-def _rank_pids() -> dict[int, int]:
-    """{rank: pid} of this process's rank children (named hembench-r<rank>)."""
+def _rank_pids(parent: int | None = None) -> dict[int, int]:
+    """{rank: pid} of the rank children (named hembench-r<rank>) of `parent` (default: us)."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -202,7 +266,7 @@ def _rank_pids() -> dict[int, int]:
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == os.getpid() and comm.startswith("hembench-r"):
+        if ppid == (parent or os.getpid()) and comm.startswith("hembench-r"):
             found[int(comm.removeprefix("hembench-r"))] = int(pid)
     return found
 
@@ -274,3 +338,46 @@ def test_failure_text_names_the_root_cause_and_keeps_the_status():
     assert (
         str(exc) == "rank 1 of 2 was killed by SIGKILL without a result (then rank 0: RuntimeError)"
     )
+
+
+def test_deadline_kills_a_hanging_rank_and_times_out():
+    """A rank that hangs (the others wait in a collective): the trial's deadline kills all."""
+    cfg = _cfg(2, steps=1000, method=METRIC, debug='inject = "hang"\ninject_step = 1')
+    watcher = _Watcher()
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TrialTimeout):
+            run_trial(cfg, deadline=t0 + 45, threads=1)
+    finally:
+        watcher.stop = True
+        watcher.join()
+    assert time.monotonic() - t0 < 60
+    assert not any(_alive(p) for p in watcher.pids.values())
+
+
+def test_ranks_die_with_the_trial_process():
+    """The executor kills the trial's worker at its timeout (SIGKILL): its ranks die too."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, '.'); from tests.test_ddp_trial import _cfg, METRIC; "
+        "from harness.trial import run_trial; "
+        "run_trial(_cfg(2, steps=100_000, method=METRIC), threads=1)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    worker = subprocess.Popen([sys.executable, "-c", code], cwd=root)
+    try:
+        t0 = time.monotonic()
+        while len(pids := _rank_pids(worker.pid)) < 2 and time.monotonic() - t0 < 120:
+            time.sleep(0.2)
+        assert sorted(pids) == [0, 1]
+        worker.kill()
+        worker.wait()
+        t1 = time.monotonic()
+        while any(_alive(p) for p in pids.values()) and time.monotonic() - t1 < 10:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids.values())
+    finally:
+        worker.kill()
