@@ -24,7 +24,12 @@ from rich.console import Console
 from harness import results as res
 from harness.envinfo import collect_env
 from harness.executors import get_executor
-from harness.executors.placement import auto_threads, usable_cores, visible_devices
+from harness.executors.placement import (
+    auto_threads,
+    oversubscription_warning,
+    usable_cores,
+    visible_devices,
+)
 from harness.progress import RunProgress
 from harness.records import TrialOutcome, TrialSpec, trial_label
 from harness.suite import Suite, trial_id
@@ -165,13 +170,11 @@ def _assign_threads(
         return specs
     concurrent = 1 if in_process else min(jobs or 1, len(specs))
     cores = usable_cores()
-    explicit = max(s.config.train.threads for s in specs)
-    if explicit and explicit * concurrent > cores:
-        say(
-            f"warning: train.threads = {explicit} x {concurrent} concurrent trials = "
-            f"{explicit * concurrent} threads on {cores} cores: trials will oversubscribe the "
-            "CPU and run slowly (train.threads = 0 shares the cores automatically)"
-        )
+    warning = oversubscription_warning(
+        max(s.config.train.threads for s in specs), concurrent, cores
+    )
+    if warning:
+        say(warning)
     cuda = any(s.config.train.device in ("cuda", "auto") for s in specs)
     if cuda and gpus and not in_process and not allow_gpu_sharing and (jobs or 1) > len(gpus):
         say(

@@ -55,6 +55,18 @@ def auto_threads(cores: int, concurrent: int) -> int:
     return max(1, cores // max(1, concurrent))
 
 
+def oversubscription_warning(threads: int, concurrent: int, cores: int) -> str | None:
+    """A one-line warning when an explicit `train.threads` times the concurrent trials exceeds
+    the cores (`plan` and `run` print it), else None."""
+    if not threads or threads * concurrent <= cores:
+        return None
+    return (
+        f"warning: train.threads = {threads} x {concurrent} concurrent trials = "
+        f"{threads * concurrent} threads on {cores} cores: trials will oversubscribe the CPU "
+        "and run slowly (train.threads = 0 shares the cores automatically)"
+    )
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, else `os.cpu_count()`)."""
     try:
