@@ -6,7 +6,7 @@ On a generated folder of small JPEGs (`--size` px square, `--per-id` images per 
 generated once and reused), measured side by side in one run:
 
 1. bare decode floor: `harness.data.image_folder.decode` (PIL decode + resize to uint8) of the
-   same files in a plain loop, in 1 process and split over 2 processes (multiprocessing, no
+   files of the loader's measured window (the same files) in a plain loop, in 1 process and split over 2 processes (multiprocessing, no
    DataLoader, no batching, no float conversion);
 2. loader throughput: `IvSData.train_batches` (P×K batches of `--batch`, flip on, float32
    out) with 1 and 2 worker processes, images/s after the first batch; and with 2 workers and
@@ -160,7 +160,6 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/hembench_faces")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=30)
-    ap.add_argument("--floor-images", type=int, default=3000)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     ap.add_argument("--skip-children", action="store_true", help="throughput only")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -176,12 +175,17 @@ def main() -> None:
     print(f"# {a.images} JPEGs {a.size}×{a.size} px → {a.image_size}×{a.image_size}, "
           f"load average before: {os.getloadavg()}")  # fmt: skip
 
+    import torch
+
     from harness.data import build_data
 
     d = build_data(cfg, 0)
-    rng = np.random.default_rng(1)
-    rows = rng.choice(len(d.source.train_rows), a.floor_images, replace=False)
-    paths = [d.source.store.path(int(r)) for r in d.source.train_rows[rows]]
+    # the floor decodes the very files of the loader's measured window (seed 0, after 2 batches)
+    sampler = d._sampler(a.batch, 2, 0)
+    epochs = (idx for _ in range(1 + (2 + a.batches) // max(1, len(sampler))) for idx in sampler)
+    window = [idx for _, idx in zip(range(2 + a.batches), epochs, strict=False)][2:]
+    rows = d.source.train_rows[torch.cat(window).numpy()]
+    paths = [d.source.store.path(int(r)) for r in rows]
     # interleaved: floor 1, loader 1, floor 2, loader 2, twice (the machine is shared)
     res: dict[str, list[tuple[float, float]]] = {
         "floor1": [], "loader1": [], "floor2": [], "loader2": [], "loader2_uint8": []

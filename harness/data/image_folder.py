@@ -18,7 +18,7 @@ Keys (defaults in DEFAULTS):
   training the first image by file name is the ID photo, as with "first".
 - `image_size`, `channels` (1 = grey, 3 = RGB): every image is resized (bilinear; a JPEG is first
   decoded at the smallest DCT scale ≥ image_size, Pillow's `draft`) to
-  channels×image_size×image_size and normalised to [−1, 1]: x = (pixel/255 − 0.5)/0.5.
+  channels×image_size×image_size and normalised to [−1, 1]: x = pixel·(2/255) − 1.
 - `test_fraction`: share of identities held out (identity-disjoint, seeded).
 - `on_bad_image`: "error" (a file that cannot be decoded fails the trial with a ValueError
   naming it) or "skip" (skipped and counted in `quality["bad_images"]`). With the cache every
