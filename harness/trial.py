@@ -142,7 +142,10 @@ def _run(
     model = build.model(cfg, data)
     start: dict[str, Any] = {"init_sha256": None, "pretrain_key": None, "pretrain_s": None}
     if cfg.pretrain.steps:
-        start |= pretrained_backbone(cfg, model.to(device), data, device, cache, progress)
+        # ranks (world > 1) pretrain data-parallel, uncached: the cache's one-producer lock
+        # would hold rank 1 while rank 0 waits for it in a collective
+        shared = cache if world == 1 else None
+        start |= pretrained_backbone(cfg, model.to(device), data, device, shared, progress)
         torch.manual_seed(cfg.seed)  # the same RNG state whether the pretrain ran or was cached
     elif cfg.model.init:
         start["init_sha256"] = load_init(model, cfg.model.init, cfg.model.init_ignore)
