@@ -227,13 +227,15 @@ def _children_allowed():
     refuses because a daemon's children would outlive it — the ranks die with their parent
     (`_die_with_parent`), so the refusal does not apply."""
     config = mp.current_process()._config  # type: ignore[attr-defined]
-    daemon = config.get("daemon")
+    had, daemon = "daemon" in config, config.get("daemon")
     config["daemon"] = False
     try:
         yield
     finally:
-        if daemon is not None:
+        if had:
             config["daemon"] = daemon
+        else:
+            config.pop("daemon", None)
 
 
 # --- inside a rank ------------------------------------------------------------------------------
