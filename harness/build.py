@@ -269,6 +269,10 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
         )
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():
         problems.append(("model.init", f"no such file: {cfg.model.init}"))
+    world, gpus = cfg.train.world_size, torch.cuda.device_count()
+    if world > 1 and cfg.train.device == "cuda" and torch.cuda.is_available() and gpus < world:
+        problems.append(("train.world_size",
+                         f"world_size = {world} needs {world} GPUs (one per rank); {gpus} visible"))  # fmt: skip
     problems += [
         ("eval.sets", f"no such file: {p}") for p in cfg.eval.sets if not Path(p).is_file()
     ]

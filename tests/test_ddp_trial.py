@@ -254,6 +254,16 @@ def test_sharded_head_rejects_heads_with_non_target_margins_at_validation():
     _cfg(2, method='head = "cosface"\nhead_params = {sharded = true}')  # valid
 
 
+def test_more_ranks_than_gpus_is_a_validation_error(monkeypatch):
+    from harness.build import check_trial
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = _cfg(2).model_copy(update={"train": _cfg(2).train.model_copy(update={"device": "cuda"})})
+    assert [k for k, _ in check_trial(cfg)] == ["train.world_size"]
+    assert check_trial(_cfg(2)) == []  # CPU: gloo processes, no GPU needed
+
+
 # --- failures -----------------------------------------------------------------------------------
 
 
