@@ -18,7 +18,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from harness.config import estimated_extra_mib
-from harness.executors.placement import usable_cores
+from harness.executors.placement import oversubscription_warning, usable_cores
 from harness.records import method_name
 from harness.suite import Suite, trial_id
 
@@ -104,17 +104,10 @@ def plan_rows(suite: Suite) -> list[list[str]]:
 
 
 def oversubscription(suite: Suite, jobs: int, cores: int | None = None) -> str | None:
-    """A warning when CPU trials with an explicit `train.threads` × `jobs` concurrent trials ask
-    for more threads than there are cores (they then slow each other down, often 10× or more)."""
-    cores = cores or usable_cores()  # as the runner counts them (affinity mask)
+    """The runner's warning (the same words) when CPU trials with an explicit `train.threads`
+    × `jobs` concurrent trials ask for more threads than there are cores."""
     threads = max((t.train.threads for t in suite.trials if t.train.device != "cuda"), default=0)
-    if threads * jobs <= cores:
-        return None
-    return (
-        f"warning: train.threads = {threads} × --jobs {jobs} = {threads * jobs} threads on "
-        f"{cores} cores: concurrent CPU trials will slow each other down; use threads = "
-        f"{max(1, cores // jobs)} or threads = 0 (cores / concurrent trials)"
-    )
+    return oversubscription_warning(threads, jobs, cores or usable_cores())
 
 
 # --- show / plot -----------------------------------------------------------------------------

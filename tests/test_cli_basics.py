@@ -173,7 +173,7 @@ def test_plan_shows_variant_and_timeout_and_warns_on_oversubscription(tmp_path):
     assert "variant" in r.output and "timeout s" in r.output and "77" in r.output
     assert "data.imbalance=1.5 train.lr=0.05" in r.output
     assert r.output.count("data.imbalance=") == 1  # the baseline's variant is empty
-    assert "warning: train.threads = 64 × --jobs 64 = 4096 threads" in r.output
+    assert "warning: train.threads = 64 x 64 concurrent trials = 4096 threads" in r.output
     path.write_text(PLAN_SUITE.replace("threads = 64", "threads = 0"))
     r = runner.invoke(app, ["plan", str(path), "--jobs", "64"])
     assert r.exit_code == 0 and "warning" not in r.output, r.output
@@ -184,7 +184,7 @@ def test_oversubscription_arithmetic():
 
     s = parse_suite(PLAN_SUITE.replace("threads = 64", "threads = 1"), check=False)
     assert cli_show.oversubscription(s, jobs=2, cores=2) is None
-    assert "3 threads on 2 cores" in cli_show.oversubscription(s, jobs=3, cores=2)
+    assert "= 3 threads on 2 cores" in cli_show.oversubscription(s, jobs=3, cores=2)
     cuda = parse_suite(PLAN_SUITE.replace('"cpu"', '"cuda"'), check=False)
     assert cli_show.oversubscription(cuda, jobs=64, cores=2) is None
 
