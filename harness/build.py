@@ -164,10 +164,16 @@ def _at_least_float32(t: Tensor) -> Tensor:
 
 
 def _ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """`module` in DDP on this rank's device (rank 0's parameters broadcast to every rank)."""
+    """`module` in DDP on this rank's device (rank 0's parameters broadcast to every rank).
+
+    Buffers (BatchNorm running statistics) are not broadcast before every forward: rank 0's
+    are the ones evaluated and saved either way (a broadcast only overwrites the other ranks'),
+    and without it a forward is no collective, so PLB `select` may re-forward a different
+    number of chunks on each rank."""
     return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None
-    )
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+    )  # fmt: skip
 
 
 class _BackboneHead(nn.Module):
