@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from harness.data import build_data, validate_data
+from harness.data.stream import normalize
 
 
 def write_folder(root, per_id=(3, 2, 4, 3, 2, 5, 3, 2), size=(14, 12)) -> None:
@@ -53,8 +54,6 @@ def test_same_batches_whatever_the_workers_and_seeded_flips(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert (ya.view(2, 3) == ya.view(2, 3)[:, :1]).all()  # P identities × K photos
     # uint8 batches (to normalise on the device) are the same pixels
-    from harness.data.stream import normalize
-
     raw = take(d.train_batches(6, 3, 5, workers=1, uint8=True), 6)
     for (xa, ya), (xr, yr) in zip(in_process, raw, strict=True):
         assert xr.dtype == torch.uint8 and torch.equal(normalize(xr), xa) and torch.equal(ya, yr)
@@ -73,6 +72,20 @@ def test_same_batches_whatever_the_workers_and_seeded_flips(tmp_path):
     x0, _ = unflipped[0]
     green = torch.round((x0[:, 1, 0, 0] + 1) / 2 * 255 / 40).long().view(2, 3)
     assert (green[:, 0] == 0).all() or d.train.domain.eq(0).sum() == 0
+
+
+def test_reused_worker_buffers_never_change_a_yielded_batch(tmp_path):
+    """Workers reuse shared-memory batch buffers (stream.RING); batches kept by the consumer
+    must stay as drawn, over many more batches than the ring holds."""
+    write_folder(tmp_path, per_id=(2,) * 30)
+    d = build_data(cfg_of(tmp_path, image_size=8), 0)
+    expected = take(d.train_batches(4, 2, 1), 40)
+    for uint8 in (False, True):
+        kept = take(d.train_batches(4, 2, 1, workers=2, uint8=uint8), 40)
+        test_side = list(d.source.blocks(d.source.train_rows, 3, workers=2))
+        assert torch.equal(torch.cat(test_side), d.probe_x(len(d.train)))
+        for (xa, ya), (xb, yb) in zip(expected, kept, strict=True):
+            assert torch.equal(xa, normalize(xb)) and torch.equal(ya, yb)
 
 
 def test_resumed_batches_equal_the_uninterrupted_ones(tmp_path):

@@ -129,8 +129,8 @@ class StreamSource:
             [(int(r), 0, False) for r in rows[s : s + block]] for s in range(0, len(rows), block)
         ]
         loader = _loader(self.store, self.on_bad, spans, workers, torch.Generator())
-        for x, _ in loader:
-            yield normalize(x)
+        for x, _ in loader:  # copied out of the worker's reused buffer (RING)
+            yield normalize(x) if x.dtype == torch.uint8 else x.clone()
 
     def train_batches(
         self,
@@ -176,7 +176,8 @@ class StreamSource:
         it = iter(loader)
         try:
             for x, y in it:
-                yield _pin(x if uint8 else normalize(x), pin_memory), _pin(y, pin_memory)
+                x = x.clone() if uint8 or x.dtype != torch.uint8 else normalize(x)  # (RING)
+                yield _pin(x, pin_memory), _pin(y, pin_memory)
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
@@ -231,18 +232,36 @@ class _RowsDataset(Dataset):
         return len(self.store)
 
 
+_RING: dict[tuple, list] = {}
+RING = PREFETCH + 2
+"""Shared-memory batch buffers per worker, reused in turn. Safe because a worker never has
+more than PREFETCH batches that the trial process has not yet received (the DataLoader sends a
+worker its next batch only after receiving one of its earlier ones), and the trial process
+copies a received batch out (`normalize`, or `clone` for uint8) before it asks for the next.
+Reuse saves a fresh shared-memory segment per batch: its page faults cost more than the copy."""
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    ring = _RING.setdefault((shape, dtype), [0])
+    turn = ring[0] % RING
+    ring[0] += 1
+    if len(ring) <= turn + 1:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        ring.append(torch.empty(0, dtype=dtype).set_(storage).view(shape))
+    return ring[turn + 1]
+
+
 def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (B, *shape) in the store's dtype — uint8 for images —, y int64 (B,)): one copy per
     sample straight into the batch (torch.stack of strided per-sample tensors is far slower).
-    In a worker the batch is allocated in shared memory, so handing it over copies nothing."""
+    In a worker the batch is one of its reused shared-memory buffers (`RING`), so handing it
+    over copies nothing; the receiver must copy it out before asking for more batches."""
     first = items[0][0]
-    shape = (len(items), *first.shape)
     dtype = torch.uint8 if first.dtype == np.uint8 else torch.float32
-    if get_worker_info() is not None:
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        t = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
-    else:
-        t = torch.empty(shape, dtype=dtype)
+    t = _batch_buffer((len(items), *first.shape), dtype)
     out = t.numpy()
     for i, (a, _) in enumerate(items):
         out[i] = a
