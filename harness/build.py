@@ -23,6 +23,7 @@ backbone + head; the logged loss is the mean over ranks).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,10 +171,10 @@ def _ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
     are the ones evaluated and saved either way (a broadcast only overwrites the other ranks'),
     and without it a forward is no collective, so PLB `select` may re-forward a different
     number of chunks on each rank."""
-    return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
-    )  # fmt: skip
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 class _BackboneHead(nn.Module):
