@@ -121,10 +121,10 @@ def test_oom_kill_count_reads_a_kernel_counter_or_none():
 
 
 def test_watchdog_verdict():
-    assert watchdog_verdict(10.0, None, 5, 5) is None
-    assert watchdog_verdict(10.0, 11.0, 5, 5) is None
-    assert watchdog_verdict(12.0, 11.0, 5, 5) == EXIT_TIMEOUT
-    assert watchdog_verdict(1.0, None, 1, 5) == EXIT_ORPHANED  # re-parented: parent gone
+    assert watchdog_verdict(10.0, None, True) is None
+    assert watchdog_verdict(10.0, 11.0, True) is None
+    assert watchdog_verdict(12.0, 11.0, True) == EXIT_TIMEOUT
+    assert watchdog_verdict(1.0, None, False) == EXIT_ORPHANED  # the runner is gone
 
 
 def test_progress_to_a_dead_parent_is_dropped_silently():

@@ -622,18 +622,29 @@ SLOW = TINY.format(
 )
 
 
-def _children(pid: int) -> list[int]:
-    """Worker processes of `pid` (spawned multiprocessing children, no resource tracker)."""
-    found = []
+def _procs() -> dict[int, tuple[int, str, bytes]]:
+    """pid -> (parent pid, state, cmdline) of every process."""
+    found = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat_file.read_text().rsplit(")", 1)[1].split()
             cmd = (stat_file.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmd:
-            found.append(int(stat_file.parent.name))
+        found[int(stat_file.parent.name)] = (int(fields[1]), fields[0], cmd)
     return found
+
+
+def _children(pid: int) -> list[int]:
+    """Trial worker processes of runner `pid`: forked by its multiprocessing forkserver (a child
+    of the runner) or, with the spawn start method, its own spawned children."""
+    procs = _procs()
+    servers = {p for p, (ppid, _, cmd) in procs.items() if ppid == pid and b"forkserver" in cmd}
+    return [
+        p
+        for p, (ppid, state, cmd) in procs.items()
+        if state != "Z" and (ppid in servers or (ppid == pid and b"spawn_main" in cmd))
+    ]
 
 
 def _start_run(tmp_path: Path):

@@ -2,8 +2,11 @@
 
 Why a process per trial (not a pool that reuses workers): a fresh CUDA context per trial makes
 the allocator and NVML peaks the trial's own, a crash or leak ends with its trial, and a hung
-trial can be killed (SIGKILL) at its timeout without disturbing the others. `spawn` (not fork)
-because CUDA cannot be re-initialised in a forked child. The worker side (dies with this
+trial can be killed (SIGKILL) at its timeout without disturbing the others. Workers are forked
+from a *forkserver* (not from this process: CUDA cannot be re-initialised in a forked child,
+and the server never touches CUDA) that has torch, torch.optim with the `torch._dynamo` it
+imports, and the harness preloaded: a fresh process per trial without paying ~2–4 s of imports
+in each (docs/benchmarks.md, "Trial start-up"). `start_method="spawn"` is the slow, plain way. The worker side (dies with this
 process, enforces its own deadline, ignores Ctrl-C) is `harness.executors.worker`.
 
 GPUs: a CUDA trial's worker sees one GPU (`CUDA_VISIBLE_DEVICES`, round-robin over the visible
@@ -40,6 +43,8 @@ from harness.executors.placement import classify_death, gpu_slots, needs_gpu, oo
 from harness.executors.worker import run_worker
 
 WORKER_GRACE_S = 5.0  # a worker stops itself this long after its deadline if nobody killed it
+#: imported once in the forkserver, inherited by every worker it forks
+PRELOAD = ("torch", "torch.optim", "torch._dynamo", "harness.trial", "harness.executors.worker")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class LocalExecutor:
         gpus: Sequence[str] | None = None,
         allow_gpu_sharing: bool = False,
         grace_s: float = WORKER_GRACE_S,
+        start_method: str = "forkserver",
     ):
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1; got {jobs}")
@@ -75,6 +81,9 @@ class LocalExecutor:
         self.gpus = list(gpus or [])
         self.allow_gpu_sharing = allow_gpu_sharing
         self.grace_s = grace_s
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method must be 'forkserver' or 'spawn'; got {start_method!r}")
+        self.start_method = start_method
 
     def run(
         self,
@@ -110,7 +119,9 @@ class LocalExecutor:
         on_result: ResultCallback,
         on_progress: ProgressCallback | None,
     ) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            ctx.set_forkserver_preload(list(PRELOAD))  # effective when the server starts
         pending = list(reversed(trials))  # pop() from the end keeps submission order
         self._free_gpus = gpu_slots(self.gpus, self.jobs, self.allow_gpu_sharing)
         running: dict[Connection, _Running] = {}
@@ -145,7 +156,9 @@ class LocalExecutor:
         proc = ctx.Process(
             target=run_worker,
             args=(spec, send, os.getpid(), deadline, environ, self.grace_s),
-            daemon=True,
+            # not daemonic: a trial's DataLoader starts worker processes of its own (the worker
+            # dies with this process anyway: PR_SET_PDEATHSIG, harness.executors.worker)
+            daemon=False,
             name=f"trial-{spec.trial_id}",
         )
         oom_before = oom_kill_count()

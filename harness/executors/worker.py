@@ -1,9 +1,10 @@
 """The worker side of the local executor: one spawned process runs one trial.
 
 A worker must never outlive its run, and never write to a terminal nobody reads:
-- it dies with its parent: `PR_SET_PDEATHSIG` (Linux: the kernel sends SIGKILL when the parent
-  dies, even by kill -9) plus a watchdog thread that checks `os.getppid()` every
-  `LIVENESS_INTERVAL_S` (every platform, and the race before the prctl);
+- it dies with the runner: `PR_SET_PDEATHSIG` (Linux: the kernel sends SIGKILL when the parent
+  dies, even by kill -9; the parent is the forkserver, which exits with the runner) plus a
+  watchdog thread that checks every `LIVENESS_INTERVAL_S` that the runner process is still
+  alive (every platform, and the race before the prctl);
 - it enforces its own deadline: the watchdog ends the process with `EXIT_TIMEOUT` at
   `deadline + grace` (the parent normally kills it at `deadline`; this covers a parent that is
   gone or stuck);
@@ -46,9 +47,24 @@ def die_with_parent() -> bool:
         return False
 
 
-def watchdog_verdict(now: float, deadline: float | None, ppid: int, parent_pid: int) -> int | None:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux): kill(0) said it exists
+        return True
+
+
+def watchdog_verdict(now: float, deadline: float | None, runner_alive: bool) -> int | None:
     """The exit code the watchdog ends the worker with now, or None to keep running."""
-    if ppid != parent_pid:
+    if not runner_alive:
         return EXIT_ORPHANED
     if deadline is not None and now > deadline:
         return EXIT_TIMEOUT
@@ -57,7 +73,7 @@ def watchdog_verdict(now: float, deadline: float | None, ppid: int, parent_pid: 
 
 def _watchdog(parent_pid: int, hard_deadline: float | None) -> None:
     while True:
-        code = watchdog_verdict(time.monotonic(), hard_deadline, os.getppid(), parent_pid)
+        code = watchdog_verdict(time.monotonic(), hard_deadline, process_alive(parent_pid))
         if code is not None:
             os._exit(code)  # no cleanup: the trial may be stuck in native code
         time.sleep(LIVENESS_INTERVAL_S)
@@ -89,7 +105,7 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if pdeathsig:
         die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+    if not process_alive(parent_pid):  # the runner died before the prctl took effect
         os._exit(EXIT_ORPHANED)
     hard = None if deadline is None else deadline + grace_s
     threading.Thread(target=_watchdog, args=(parent_pid, hard), daemon=True).start()
