@@ -105,6 +105,7 @@ def test_reads_identities_images_and_split(tmp_path, header, multi):
     d = build_data(cfg, 0)
     assert d.input_shape == (3, 8, 8) and d.train.x is None
     assert d.info["header_record"] is header
+    assert d.info["labels_from"] == ("identity records" if header else "image records")
     assert d.num_classes == 4 and len(d.train) + 2 == sum(per_id) - sum(
         per_id[int(i)] - 1 for i in red(d.test_embeddings(lambda x: x)[0])
     )
@@ -120,6 +121,16 @@ def test_reads_identities_images_and_split(tmp_path, header, multi):
     # P×K batches stream like image folders
     xb, yb = next(d.train_batches(4, 2, 0, workers=0))
     assert xb.shape == (4, 3, 8, 8) and (yb.view(2, 2)[:, 0] == yb.view(2, 2)[:, 1]).all()
+
+
+def test_header_ranges_that_do_not_partition_the_images_fall_back(tmp_path):
+    rec = tmp_path / "h.rec"
+    dataset(rec, header=True)
+    idx = rec.with_suffix(".idx").read_text().splitlines()
+    # drop the last identity record from the .idx: ranges no longer cover every image
+    rec.with_suffix(".idx").write_text("\n".join(idx[:-1]) + "\n")
+    d = build_data({"kind": "recordio", "path": str(rec), "image_size": 8}, 0)
+    assert d.info["labels_from"] == "image records" and d.num_classes == 5
 
 
 def test_payload_with_the_magic_is_split_and_joined(tmp_path):

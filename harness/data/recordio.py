@@ -19,12 +19,13 @@ Format (dmlc-core recordio, little-endian), all that is read here:
   records); only the image records are read as samples. Without it every record is an image.
 
 Samples: the image records, grouped by identity (label, sorted), keys in order inside an
-identity; the first is the ID photo (domain 0). Identities are split as for image folders.
+identity; the first is the ID photo (domain 0). With the header, identities are read from the
+identity records' ranges (one read per identity); otherwise from each image record's label. Identities are split as for image folders.
 
 Keys (defaults in DEFAULTS): `path`, `pairing` ("first" | "all_pairs", as image_folder),
 `image_size`, `channels`, `test_fraction`, `on_bad_image`, `flip`, `cache`, `cache_dir` — all
 as for image_folder (harness/data/image_folder.py). Building reads the index and the 24-byte
-header of every image record (not the images).
+header of every image record, or of every identity record with the header (not the images).
 """
 
 from __future__ import annotations
@@ -199,23 +200,60 @@ def index_records(rec: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         bad = int(keys[np.argmax(offsets >= size)])
         raise ValueError(f"{name}: record {bad} of the .idx lies beyond the end of the file")
     info: dict[str, Any] = {"records": len(keys), "header_record": False}
-    labels = np.empty(len(keys), dtype=np.int64)
     with open(rec, "rb") as f:
         if keys[0] == 0:
             payload = read_record(f, int(offsets[0]), f"{name} record 0")
             flag, lab, start = unpack_header(payload, name)
             if flag >= 2 and start == len(payload):  # insightface header: images 1..a−1
-                a = int(lab[0])
-                info |= {"header_record": True, "identity_records": int(lab[1]) - a}
+                a, b = int(lab[0]), int(lab[1])
+                info |= {"header_record": True, "identity_records": b - a}
+                labels = _labels_from_ranges(f, keys, offsets, a, b, name)
+                if labels is not None:
+                    info["labels_from"] = "identity records"
+                    images = (keys >= 1) & (keys < a)
+                    keys, offsets, labels = keys[images], offsets[images], labels[images]
+                    order = np.lexsort((keys, labels))
+                    return keys[order], offsets[order], labels[order], info
                 images = (keys >= 1) & (keys < a)
                 keys, offsets = keys[images], offsets[images]
-                labels = labels[: len(keys)]
+        info["labels_from"] = "image records"
+        labels = np.empty(len(keys), dtype=np.int64)
         for i, off in enumerate(offsets.tolist()):
             limit = IR_SIZE + 64
             _, lab, _ = unpack_header(read_record(f, off, f"{name} record {keys[i]}", limit), name)
             labels[i] = int(lab[0])
     order = np.lexsort((keys, labels))
     return keys[order], offsets[order], labels[order], info
+
+
+def _labels_from_ranges(
+    f, keys: np.ndarray, offsets: np.ndarray, a: int, b: int, name: str
+) -> np.ndarray | None:
+    """With insightface's header, identity i (record a + i) holds the image records
+    [start, stop) of its labels: identity labels for every record key in one read per identity
+    (MS1M: 85k reads instead of 5.8 M). None when the identity records are missing from the
+    .idx or their ranges do not partition the image records 1..a−1 (then every image record's
+    own label is read instead). Non-image keys get label −1."""
+    where = {int(k): int(o) for k, o in zip(keys.tolist(), offsets.tolist(), strict=True)}
+    labels = np.full(len(keys), -1, dtype=np.int64)
+    pos = np.searchsorted(keys, np.arange(1, a))
+    if len(keys) == 0 or not np.array_equal(keys[np.minimum(pos, len(keys) - 1)], np.arange(1, a)):
+        return None  # not every image key 1..a−1 is indexed
+    covered = 0
+    for ident, key in enumerate(range(a, b)):
+        if key not in where:
+            return None
+        flag, lab, _ = unpack_header(read_record(f, where[key], f"{name} record {key}", 64), name)
+        if flag < 2:
+            return None
+        start, stop = int(lab[0]), int(lab[1])
+        if not 1 <= start <= stop <= a:
+            return None
+        labels[pos[start - 1 : stop - 1]] = ident
+        covered += stop - start
+    if covered != a - 1 or (labels[pos] < 0).any():
+        return None
+    return labels
 
 
 def build_recordio(
