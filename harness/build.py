@@ -265,15 +265,24 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
         if value is not None and value not in registry:
             allowed = ", ".join(registry_names(key))
             problems.append((key, f"unknown {what} {value!r}; allowed: {allowed}"))
-    if problems:
-        return problems
-    if cfg.method.head:
+    bad = {key for key, _ in problems}  # checks that need a bad name are skipped, not the rest
+    if cfg.method.head and "head" not in bad:
         # num_classes=2: only the parameters are checked here; the data set the real count
         problems += _attempt("head_params", f"head_params for {cfg.method.head!r}", head, cfg, 2)
-    else:
+    elif not cfg.method.head and not bad & {"miner", "loss"}:
         problems += _attempt(
             "objective_params", "objective", lambda: MetricObjective(**objective_kwargs(cfg))
         )
+    if cfg.pretrain.steps:
+        pre = cfg.pretrain
+        problems += _attempt("pretrain.head", f"pretrain head {pre.head!r}",
+                             lambda: make_head(pre.head, cfg.model.embedding, 2,
+                                               **pre.head_params))  # fmt: skip
+        pre_data = {"kind": pre.data.kind, **pre.data.params()}
+        if pre.data.kind in DATA_KINDS:
+            problems += _attempt("pretrain.data", "pretrain data", validate_data, pre_data)
+        else:
+            problems.append(("pretrain.data", f"unknown data kind {pre.data.kind!r}"))
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():
         problems.append(("model.init", f"no such file: {cfg.model.init}"))
     world, gpus = cfg.train.world_size, torch.cuda.device_count()
@@ -283,8 +292,9 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
     problems += [
         ("eval.sets", f"no such file: {p}") for p in cfg.eval.sets if not Path(p).is_file()
     ]
-    data_cfg = {"kind": cfg.data.kind, **cfg.data.params()}
-    problems += _attempt("data", "data", validate_data, data_cfg)
+    if "data.kind" not in bad:
+        data_cfg = {"kind": cfg.data.kind, **cfg.data.params()}
+        problems += _attempt("data", "data", validate_data, data_cfg)
     return problems
 
 

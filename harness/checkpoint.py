@@ -15,38 +15,26 @@ A checkpoint that cannot be read, or that belongs to another configuration, is n
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from harness.results_io import atomic_write
+
 KEEP = 2  # checkpoints kept: the newest may be the one a kill interrupted before its rename
 
 
 def _atomic_save(obj: Any, path: Path) -> int:
-    """torch.save `obj` to `path` atomically; returns the bytes written."""
+    """torch.save `obj` to `path` atomically (`results_io.atomic_write`); returns the bytes."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data = buf.getbuffer()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return len(data)
+    atomic_write(path, buf.getvalue())
+    return buf.tell()
 
 
 def save_checkpoint(workdir: Path, step: int, state: dict[str, Any]) -> int:

@@ -8,6 +8,7 @@ they print is built in `cli_show` and `report`.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -19,7 +20,7 @@ from harness import __version__, cli_perf, cli_show, report
 from harness.config import SuiteFile
 from harness.envinfo import collect_env
 from harness.executors import EXECUTORS
-from harness.results import RunDirError, load_run
+from harness.results import RunDataWarning, RunDirError, load_run
 from harness.runner import RunInputError, run_suite
 from harness.suite import MAX_TRIALS, Suite, SuiteError, load_suite
 
@@ -211,6 +212,11 @@ def run(
         False, "--quiet", "-q", help="No progress output, only the summary."
     ),
     max_trials: int = MAX_TRIALS_OPT,
+    allow_gpu_sharing: bool = typer.Option(
+        False,
+        "--allow-gpu-sharing",
+        help="With --jobs above the GPU count, run several CUDA trials per GPU (default: one).",
+    ),
 ) -> None:
     """Run every trial of a suite and write one Parquet file per trial.
 
@@ -228,6 +234,7 @@ def run(
         result = run_suite(
             s, results_dir, console, resume=resume, run_id=run_id, executor=executor,
             jobs=jobs, in_process=in_process, timeout_s=timeout, quiet=quiet,
+            allow_gpu_sharing=allow_gpu_sharing,
         )  # fmt: skip
     except (RunDirError, RunInputError) as exc:
         _fail([str(exc)])
@@ -254,9 +261,16 @@ ROOT_OPT = typer.Option(Path("results"), help="Where --latest looks for a suite 
 def _load_run(run_dir: Path, latest: bool, results_dir: Path) -> tuple[Path, pl.DataFrame]:
     try:
         path = cli_show.find_run(run_dir, latest, results_dir)
-        return path, load_run(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RunDataWarning)
+            frame = load_run(path)
     except (RunDirError, ValueError) as exc:
         _fail([str(exc)])
+    for w in caught:  # damaged trial files: one line each, not Python's two-line warning
+        cli_show.err_console.print(
+            f"warning: {w.message}", markup=False, highlight=False, soft_wrap=True
+        )
+    return path, frame
 
 
 @app.command()

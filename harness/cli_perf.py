@@ -242,7 +242,7 @@ def compare(
     try:
         limits = cmp.parse_fail_on(fail_on)
         deltas, notes = cmp.compare_runs(
-            load_run(base_run), load_run(head_run), limits, by=by or None
+            load_run(base_run, strict=True), load_run(head_run, strict=True), limits, by=by or None
         )
     except (cmp.RunError, RunDirError) as exc:
         raise _fail(str(exc)) from None

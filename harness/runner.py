@@ -209,7 +209,8 @@ def _execute(
     quiet: bool,
 ) -> None:
     labels = {s.trial_id: trial_label(s.config) for s in specs}
-    with RunProgress(console, len(specs), labels, quiet) as prog:
+    steps = {s.trial_id: s.config.train.steps for s in specs}
+    with RunProgress(console, len(specs), labels, quiet, steps) as prog:
 
         def on_result(outcome: TrialOutcome) -> None:
             run_dir.write_outcome(outcome)

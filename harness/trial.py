@@ -8,6 +8,7 @@ call: it never raises, it classifies failures into the statuses of `harness.reco
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -66,7 +67,10 @@ def classify(exc: BaseException) -> Status:
         return "timeout"
     if isinstance(exc, NonFiniteLoss):
         return "nan"
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    text = str(exc).lower()
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or any(
+        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    ):  # CUDA, and host allocation failures (DefaultCPUAllocator, numpy)
         return "oom"
     return "failed"
 
@@ -167,7 +171,7 @@ def _run(
         **start,
         "device": str(device),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "gpu_index": torch.cuda.current_device() if device.type == "cuda" else None,
+        "gpu_index": _gpu_index(device),
         "world_size": world,
         "backend": backend,
     }
@@ -177,6 +181,17 @@ def _run(
     out |= data.quality
     out |= _evaluate(cfg, model, data, device)
     return out, curves
+
+
+def _gpu_index(device: torch.device) -> int | None:
+    """The physical index of the trial's GPU (the executor narrows CUDA_VISIBLE_DEVICES to one)."""
+    if device.type != "cuda":
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    current = torch.cuda.current_device()
+    return (
+        int(visible[current]) if current < len(visible) and visible[current].isdigit() else current
+    )
 
 
 def _placed(model: torch.nn.Module, cfg: TrialConfig) -> torch.nn.Module:

@@ -137,3 +137,15 @@ def test_pretrain_data_of_another_input_shape_fails_the_trial_clearly():
     ).trials[0]
     with pytest.raises(ValueError, match="one backbone cannot take both"):
         run_trial(cfg)
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "match"),
+    [
+        ('steps = 5\nhead = "arcfase"', "arcfase"),
+        ("steps = 5\n[pretrain.data]\nkind = \"synthetic_ivs\"\ndim = 1", "pretrain data"),
+    ],
+)
+def test_pretrain_head_and_data_are_checked_at_validation(pretrain, match):
+    with pytest.raises(SuiteError, match=match):
+        parse_suite(suite(pretrain))
