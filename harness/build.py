@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
 from harness.data import DATA_KINDS, IvSData, build_data, validate_data
+from harness.data.stream import default_workers
 from harness.models import MODELS, build_model
 from harness.recipe import Precision
 from harness.sharded_head import ShardedMarginHead, check_shardable, gather_embeddings
@@ -54,9 +55,17 @@ from mining.plb import PseudoLargeBatch
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]
 
 
-def data(cfg: TrialConfig) -> IvSData:
-    """The trial's dataset (seeded by the trial's seed)."""
-    return build_data({"kind": cfg.data.kind, **cfg.data.params()}, cfg.seed)
+def data(cfg: TrialConfig, results_root: Path | None = None) -> IvSData:
+    """The trial's dataset (seeded by the trial's seed). A decoded-image cache
+    (`data.cache = "uint8"`) lives under `results_root/.cache/data` and is produced with
+    `train.workers` processes."""
+    return build_data({"kind": cfg.data.kind, **cfg.data.params()}, cfg.seed,
+                      cache_root=results_root, workers=workers(cfg))  # fmt: skip
+
+
+def workers(cfg: TrialConfig) -> int:
+    """`train.workers` resolved: "auto" = the CPUs this trial may use, at most 8."""
+    return default_workers() if cfg.train.workers == "auto" else cfg.train.workers
 
 
 def model(cfg: TrialConfig, ivs: IvSData) -> nn.Module:

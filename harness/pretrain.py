@@ -95,7 +95,7 @@ def _train(
 ) -> tuple[float, dict[str, Any]]:
     """Train `model` in place on the pretrain stage; `folder` receives model.pt."""
     pre = pretrain_config(cfg)
-    pre_data = build.data(pre)
+    pre_data = build.data(pre, None if folder is None else folder.parents[2])
     if pre_data.input_shape != data.input_shape:
         raise ValueError(
             f"pretrain data give inputs {pre_data.input_shape}, the trial's data "

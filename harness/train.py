@@ -30,11 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harness import build
 from harness.build import build_step
 from harness.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from harness.config import TrialConfig
 from harness.data import IvSData
-from harness.data.stream import default_workers
 from harness.measure import StepTimer
 from harness.recipe import Precision, make_optimizer, make_scheduler
 from harness.records import CURVE_COLUMNS, NonFiniteLoss, config_key
@@ -168,7 +168,7 @@ class Trainer:
         the batches it already trained on, at the index level: the sampler is seeded). With
         W > 1 ranks, this rank's share of each global batch (module docstring)."""
         tr, cuda = self.cfg.train, self.device.type == "cuda"
-        workers = default_workers() if tr.workers == "auto" else tr.workers
+        workers = build.workers(self.cfg)
         share = self.n // self.world
         lo = self.rank * share
         for x, y in self.data.train_batches(

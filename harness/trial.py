@@ -142,7 +142,7 @@ def _run(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # GPU = local rank
     torch.manual_seed(cfg.seed)
-    data = build.data(cfg)
+    data = build.data(cfg, None if cache is None else cache.parent)
     model = build.model(cfg, data)
     start: dict[str, Any] = {"init_sha256": None, "pretrain_key": None, "pretrain_s": None}
     if cfg.pretrain.steps:
@@ -216,7 +216,7 @@ def _evaluate(
     def embed(x: torch.Tensor) -> torch.Tensor:
         return model(x.to(device)).float().cpu()
 
-    id_emb, spot_emb = data.test_embeddings(embed)
+    id_emb, spot_emb = data.test_embeddings(embed, workers=build.workers(cfg))
     out: dict[str, Any] = ivs_verification(
         id_emb,
         spot_emb,
