@@ -106,7 +106,11 @@ def live_line(trial_id: str, label: str, info: dict[str, Any], steps: dict[str, 
     """`<id> <label>: step i/N loss 0.1234 5678 samples/s` (missing figures left out)."""
     step, total = info.get("step"), info.get("steps") or steps.get(trial_id)
     parts = [f"{trial_id} {label}:".replace(" :", ":")]
-    if step is not None:
+    if info.get("phase") == "prepared":
+        parts.append(f"data ready in {info.get('prep_s', 0.0):.1f} s")
+    elif info.get("phase") == "pretrain" and step is not None:
+        parts.append(f"pretrain step {step}")  # its own line: the pretrain has its own N
+    elif step is not None:
         parts.append(f"step {step}/{total}" if total else f"step {step}")
     if isinstance(info.get("loss"), (int, float)):
         parts.append(f"loss {info['loss']:.4f}")

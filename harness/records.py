@@ -308,8 +308,19 @@ def failure_outcome(spec: TrialSpec, status: Status, error: str) -> TrialOutcome
     return TrialOutcome(trial_id=spec.trial_id, status=status, row=row, error=error)
 
 
-def timeout_outcome(spec: TrialSpec, elapsed_s: float) -> TrialOutcome:
-    """The outcome of a trial stopped after `elapsed_s` seconds for exceeding `spec.timeout_s`."""
+def timeout_outcome(
+    spec: TrialSpec, elapsed_s: float, last: dict[str, Any] | None = None
+) -> TrialOutcome:
+    """The outcome of a trial stopped after `elapsed_s` seconds (counted from the end of its
+    data preparation) for exceeding `spec.timeout_s`; `last` is its last progress update, which
+    says how far it got."""
+    where = "during data preparation"
+    if last and "step" in last:
+        phase = "pretrain" if last.get("phase") == "pretrain" else "training"
+        where = f"in {phase} after step {last['step']}"
+    elif last and last.get("phase") == "prepared":
+        where = "after data preparation, before the first logged step"
     return failure_outcome(
-        spec, "timeout", f"timed out after {elapsed_s:.1f} s (limit {spec.timeout_s} s)"
-    )
+        spec, "timeout",
+        f"timed out after {elapsed_s:.1f} s (limit {spec.timeout_s} s) {where}",
+    )  # fmt: skip

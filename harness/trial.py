@@ -113,9 +113,17 @@ def run_trial(
     Deterministic on CPU for a given config (seeded data, init and batch order).
     """
 
+    clock = [deadline]  # moved by the data preparation time: the budget is for training
+
     def deadline_check() -> None:
-        if deadline is not None and time.monotonic() > deadline:
+        if clock[0] is not None and time.monotonic() > clock[0]:
             raise TrialTimeout("trial ran past its deadline")
+
+    def report(update: dict[str, Any]) -> None:
+        if update.get("phase") == "prepared" and clock[0] is not None:
+            clock[0] += update["prep_s"]
+        if progress is not None:
+            progress(update)
 
     if cfg.train.world_size > 1:  # N rank processes under torch.distributed (harness.ddp)
         return ddp.run_ranks(cfg, _run, progress, deadline, threads=threads, workdir=workdir,
@@ -125,7 +133,7 @@ def run_trial(
     if threads:  # e.g. 1 for tiny CPU models: OpenMP spin-waits thrash a loaded machine
         torch.set_num_threads(threads)
     try:
-        return _run(cfg, progress, deadline_check, workdir, cache)
+        return _run(cfg, report, deadline_check, workdir, cache)
     finally:
         torch.set_num_threads(previous_threads)  # in-process runs share the caller's setting
 
@@ -142,8 +150,11 @@ def _run(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # GPU = local rank
     torch.manual_seed(cfg.seed)
+    t_prep = time.perf_counter()
     data = build.data(cfg, None if cache is None else cache.parent)
     model = build.model(cfg, data)
+    if progress is not None:  # the trial's timeout counts from here (harness.executors.local)
+        progress({"phase": "prepared", "prep_s": time.perf_counter() - t_prep})
     start: dict[str, Any] = {"init_sha256": None, "pretrain_key": None, "pretrain_s": None}
     if cfg.pretrain.steps:
         # ranks (world > 1) pretrain data-parallel, uncached: the cache's one-producer lock

@@ -279,3 +279,42 @@ def test_unbounded_timeouts_mean_no_limit(tmp_path, suite_timeout, flag):
     assert r.exit_code == 0, r.output
     assert load_run(only_run(tmp_path, "inf"))["status"].to_list() == ["ok"]
 
+
+def test_timeout_counts_from_the_end_of_data_preparation_and_says_where(tmp_path, monkeypatch):
+    """Data preparation (slowed to 4 s here) does not count against a 3 s timeout; a hang in
+    training then times out, and the error says the phase and step it reached (issue 15)."""
+    import time as _time
+
+    from harness import build
+
+    real = build.data
+
+    def slow_data(*args, **kwargs):
+        _time.sleep(4.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "data", slow_data)
+    ok = tiny(tmp_path, "prep", "memory = [0]", steps=2, timeout=3)
+    r = runner.invoke(app, ["run", str(ok), "--results-dir", str(tmp_path), "--in-process", "-q"])
+    assert r.exit_code == 0, r.output
+    hang = tiny(tmp_path, "preph", 'memory = [0]\n"debug.inject" = ["hang"]', steps=4, timeout=3)
+    r = runner.invoke(app, ["run", str(hang), "--results-dir", str(tmp_path), "--in-process", "-q"])
+    rows = load_run(only_run(tmp_path, "preph"))
+    err = rows.filter(rows["inject"] == "hang")["error"][0]
+    assert "ran past its deadline" in err or "timed out" in err, err
+
+
+def test_worker_timeout_message_names_phase_and_step():
+    from harness.records import timeout_outcome
+    from harness.suite import load_suite
+
+    cfg = load_suite(ROOT / "suites" / "smoke.toml", check=False).trials[0]
+    from harness.records import TrialSpec
+
+    spec = TrialSpec("t", "smoke", "r", cfg, timeout_s=5)
+    assert "after step 7" in timeout_outcome(spec, 6.0, {"step": 7}).error
+    assert (
+        "pretrain after step 2"
+        in timeout_outcome(spec, 6.0, {"step": 2, "phase": "pretrain"}).error
+    )
+    assert "data preparation" in timeout_outcome(spec, 6.0, None).error

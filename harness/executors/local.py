@@ -13,7 +13,9 @@ GPUs: a CUDA trial's worker sees one GPU (`CUDA_VISIBLE_DEVICES`, round-robin ov
 devices), and at most one CUDA trial runs per GPU unless `allow_gpu_sharing`
 (`harness.executors.placement`).
 
-A trial's timeout counts from its worker's start (process start and imports included). A worker
+A trial's timeout counts from the end of its data preparation (the worker reports it: a
+`{"phase": "prepared", "prep_s": ...}` progress message), so decoding a large image folder or
+producing a cache never eats the training budget; a timeout says the phase and step reached. A worker
 that dies without a result is reported `failed` with its signal or exit code (`oom` when the
 kernel's OOM-kill counter says so; `timeout` when it stopped itself at its deadline).
 
@@ -55,6 +57,7 @@ class _Running:
     started: float
     gpu: str | None
     oom_before: int | None
+    last: dict[str, Any] | None = None  # the latest progress update: how far the trial got
 
 
 class LocalExecutor:
@@ -193,12 +196,15 @@ class LocalExecutor:
             self._finish(running, conn)
             status, error = classify_death(r.proc.exitcode, r.oom_before, oom_kill_count())
             if status == "timeout":
-                on_result(timeout_outcome(r.spec, time.monotonic() - r.started))
+                on_result(timeout_outcome(r.spec, time.monotonic() - r.started, r.last))
             else:
                 on_result(failure_outcome(r.spec, status, error))  # type: ignore[arg-type]
             return
         if kind == "progress":
-            if on_progress is not None:
+            r.last = payload
+            if payload.get("phase") == "prepared":  # the timeout counts from here
+                r.started += payload["prep_s"]
+            elif on_progress is not None:
                 on_progress(r.spec.trial_id, payload)
             return
         self._finish(running, conn)
@@ -210,4 +216,4 @@ class LocalExecutor:
             if r.spec.timeout_s is not None and now - r.started > r.spec.timeout_s:
                 r.proc.kill()
                 self._finish(running, conn)
-                on_result(timeout_outcome(r.spec, now - r.started))
+                on_result(timeout_outcome(r.spec, now - r.started, r.last))

@@ -71,9 +71,9 @@ def watchdog_verdict(now: float, deadline: float | None, runner_alive: bool) -> 
     return None
 
 
-def _watchdog(parent_pid: int, hard_deadline: float | None) -> None:
-    while True:
-        code = watchdog_verdict(time.monotonic(), hard_deadline, process_alive(parent_pid))
+def _watchdog(parent_pid: int, hard_deadline: list[float | None]) -> None:
+    while True:  # hard_deadline[0] moves by the data preparation time (`run_worker`)
+        code = watchdog_verdict(time.monotonic(), hard_deadline[0], process_alive(parent_pid))
         if code is not None:
             os._exit(code)  # no cleanup: the trial may be stuck in native code
         time.sleep(LIVENESS_INTERVAL_S)
@@ -107,7 +107,7 @@ def run_worker(
         die_with_parent()
     if not process_alive(parent_pid):  # the runner died before the prctl took effect
         os._exit(EXIT_ORPHANED)
-    hard = None if deadline is None else deadline + grace_s
+    hard = [None if deadline is None else deadline + grace_s]
     threading.Thread(target=_watchdog, args=(parent_pid, hard), daemon=True).start()
     os.environ.update(environ or {})
 
@@ -115,6 +115,11 @@ def run_worker(
 
     def progress(update: dict[str, Any]) -> None:
         nonlocal last
+        if update.get("phase") == "prepared":  # never dropped: the timeouts count from here
+            if hard[0] is not None:
+                hard[0] += update["prep_s"]
+            _send(conn, ("progress", update))
+            return
         now = time.monotonic()
         if now - last >= PROGRESS_INTERVAL_S:
             last = now
