@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from typer.core import TyperGroup
 
-from harness.config import estimated_extra_mib
+from harness.config import TrialConfig, estimated_extra_mib, trial_timeout
 from harness.executors.placement import oversubscription_warning, usable_cores
 from harness.records import method_name
 from harness.suite import Suite, trial_id
@@ -83,8 +83,11 @@ def variants(suite: Suite) -> list[str]:
 
 def plan_rows(suite: Suite) -> list[list[str]]:
     """One row per trial, in PLAN_HEADER's order."""
-    timeout = suite.meta.timeout_s
-    limit = "none" if timeout is None else f"{timeout:g}"
+
+    def limit(t: TrialConfig) -> str:
+        timeout = trial_timeout(suite.meta.timeout_s, t)
+        return "none" if timeout is None else f"{timeout:g}"
+
     ids = suite.ids or [trial_id(t) for t in suite.trials]
     rows = zip(suite.trials, ids, variants(suite), strict=True)
     return [
@@ -96,7 +99,7 @@ def plan_rows(suite: Suite) -> list[list[str]]:
             str(t.method.memory),
             str(t.virtual_batch),
             variant,
-            limit,
+            limit(t),
             f"{estimated_extra_mib(t):.1f}",
         ]
         for i, (t, tid, variant) in enumerate(rows)

@@ -96,11 +96,11 @@ class SuiteMeta(_Strict):
         description="one trial per seed and grid cell; show reports mean ± 95% CI over seeds",
     )
     description: str = Field(default="", description="free text, kept in run.json")
-    timeout_s: float | None = Field(
-        default=600.0,
-        gt=0,
-        allow_inf_nan=True,
-        description="per-trial wall-clock limit in seconds (inf, or above 1e6, = no limit)",
+    timeout_s: float | Literal["auto"] | None = Field(
+        default="auto",
+        description="per-trial wall-clock limit in seconds, counted from the end of data "
+        "preparation (inf, or above 1e6, = no limit); auto = no limit for long trials (image "
+        "data, an iresnet, or > 10,000 steps with its pretrain), else 600",
     )
 
     @field_validator("name")
@@ -119,10 +119,16 @@ class SuiteMeta(_Strict):
             raise ValueError(f"seeds must be distinct integers in [0, 2^63 - 1]; got {v}")
         return v
 
-    @field_validator("timeout_s")
+    @field_validator("timeout_s", mode="before")
     @classmethod
-    def _no_limit(cls, v: float | None) -> float | None:
-        return None if v is None or math.isinf(v) else v  # inf means "no limit"
+    def _no_limit(cls, v: Any) -> Any:
+        """inf means no limit (None); NaN and values ≤ 0 are refused (NaN passes `gt`)."""
+        if isinstance(v, float | int) and not isinstance(v, bool):
+            if not v > 0:
+                raise ValueError(f"timeout_s must be > 0, inf or 'auto'; got {v}")
+            if math.isinf(v):
+                return None
+        return v
 
 
 class DataCfg(_Open):
@@ -452,3 +458,24 @@ def estimated_extra_mib(cfg: TrialConfig) -> float:
     bank = cfg.method.memory * (4 * d + 16)
     cache = 2 * cfg.virtual_batch * d * 4 if cfg.method.plb != "off" else 0
     return (bank + cache) / 2**20
+
+
+AUTO_TIMEOUT_S = 600.0
+LONG_DATA = ("image_folder", "recordio")
+
+
+def trial_timeout(setting: float | str | None, cfg: TrialConfig) -> float | None:
+    """A trial's wall-clock limit (seconds after its data are prepared; None = no limit).
+
+    `timeout_s = "auto"` (the default): no limit for trials that are long by nature — real
+    images (`image_folder`, `recordio`), an iresnet backbone, or more than 10,000 steps with the
+    pretrain's — and `AUTO_TIMEOUT_S` (600 s) otherwise, which still stops a hung small trial.
+    """
+    if setting != "auto":
+        return setting  # type: ignore[return-value]
+    long = (
+        cfg.data.kind in LONG_DATA
+        or cfg.model.kind.startswith("iresnet")
+        or cfg.train.steps + cfg.pretrain.steps > 10_000
+    )
+    return None if long else AUTO_TIMEOUT_S

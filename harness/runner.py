@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness import results as res
+from harness.config import TrialConfig, trial_timeout
 from harness.envinfo import collect_env
 from harness.executors import get_executor
 from harness.executors.placement import (
@@ -91,7 +92,10 @@ def run_suite(
             meta = res.run_meta_start(suite.path, suite.text, env, ids, sys.argv)
         run_dir.write_meta(meta)
         done = run_dir.done() if resume else {}
-        limit = suite.meta.timeout_s if timeout_s is None else timeout_s
+
+        def limit_of(t: TrialConfig) -> float | None:
+            return trial_timeout(suite.meta.timeout_s, t) if timeout_s is None else timeout_s
+
         specs = [
             TrialSpec(
                 tid,
@@ -100,7 +104,7 @@ def run_suite(
                 t,
                 i,
                 suite.is_baseline(t),
-                limit,
+                limit_of(t),
                 run_dir=str(run_dir.path),
             )
             for i, (tid, t) in enumerate(zip(ids, suite.trials, strict=True))

@@ -466,3 +466,15 @@ def test_a_sweep_problem_does_not_hide_a_cross_field_rule():
         parse_suite(to_toml(doc))
     text = "\n".join(info.value.problems)
     assert "memroy" in text and "virtual_batch=12 must be a multiple" in text, text
+
+
+def test_auto_timeout_is_no_limit_for_long_trials_only():
+    from harness.config import AUTO_TIMEOUT_S, trial_timeout
+
+    small = parse_suite(to_toml(BASE)).trials[0]
+    assert trial_timeout("auto", small) == AUTO_TIMEOUT_S
+    assert trial_timeout(30.0, small) == 30.0 and trial_timeout(None, small) is None
+    long = small.model_copy(update={"train": small.train.model_copy(update={"steps": 20_000})})
+    assert trial_timeout("auto", long) is None
+    image = small.model_copy(update={"model": small.model.model_copy(update={"kind": "iresnet18"})})
+    assert trial_timeout("auto", image) is None
