@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.config import TrialConfig
-from harness.data import DATA_KINDS, IvSData, build_data, validate_data
+from harness.data import (
+    DATA_KINDS,
+    IvSData,
+    build_data,
+    image_folder,
+    recordio,
+    synthetic,
+    validate_data,
+)
 from harness.data.stream import default_workers
 from harness.models import MODELS, build_model
 from harness.recipe import Precision
@@ -303,8 +311,32 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
     ]
     if "data.kind" not in bad:
         data_cfg = {"kind": cfg.data.kind, **cfg.data.params()}
-        problems += _attempt("data", "data", validate_data, data_cfg)
+        data_problems = _attempt("data", "data", validate_data, data_cfg)
+        problems += data_problems
+        shape = None if data_problems else input_shape(cfg)
+        if shape is not None and "model.kind" not in bad:
+            problems += _attempt("model", f"model {cfg.model.kind!r}", _meta_model, cfg, shape)
     return problems
+
+
+def input_shape(cfg: TrialConfig) -> tuple[int, ...] | None:
+    """The model's input shape, from the data parameters alone (None where only the files say:
+    `features`)."""
+    kind, p = cfg.data.kind, cfg.data.params()
+    if kind == "synthetic_ivs":
+        q = {**synthetic.DEFAULTS, **p}
+        size = q["image_size"]
+        return (synthetic.CHANNELS, size, size) if q["modality"] == "images" else (q["dim"],)
+    if kind in ("image_folder", "recordio"):
+        q = {**(image_folder.DEFAULTS if kind == "image_folder" else recordio.DEFAULTS), **p}
+        return (q["channels"], q["image_size"], q["image_size"])
+    return None
+
+
+def _meta_model(cfg: TrialConfig, shape: tuple[int, ...]) -> None:
+    """Build the backbone on the meta device: every parameter is checked, nothing allocated."""
+    with torch.device("meta"):
+        build_model(cfg.model.kind, shape, cfg.model.embedding, **cfg.model.params())
 
 
 def _attempt(key: str, what: str, factory: Callable[..., Any], *args: Any) -> list[tuple[str, str]]:

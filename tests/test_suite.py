@@ -478,3 +478,19 @@ def test_auto_timeout_is_no_limit_for_long_trials_only():
     assert trial_timeout("auto", long) is None
     image = small.model_copy(update={"model": small.model.model_copy(update={"kind": "iresnet18"})})
     assert trial_timeout("auto", image) is None
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ({"kind": "mlp", "embedding": 8, "hidden": "abc"}, "hidden"),
+        ({"kind": "mlp", "embedding": 8, "depth": -1}, "depth"),
+        ({"kind": "mlp", "embedding": 8, "bogus": 3}, "bogus"),
+        ({"kind": "cnn_small", "embedding": 8}, "input_shape"),  # on feature data
+    ],
+)
+def test_model_parameters_are_checked_at_validation(model, match):
+    """Issue 21 item 4: these passed validate and failed every trial at build time; the
+    backbone is now built on the meta device (nothing allocated) for every grid cell."""
+    with pytest.raises(SuiteError, match=match):
+        parse_suite(to_toml(suite_of(model=model)))
