@@ -318,3 +318,42 @@ def test_worker_timeout_message_names_phase_and_step():
         in timeout_outcome(spec, 6.0, {"step": 2, "phase": "pretrain"}).error
     )
     assert "data preparation" in timeout_outcome(spec, 6.0, None).error
+
+
+def test_kill_9_mid_trial_then_resume_gives_the_uninterrupted_row(tmp_path):
+    """Issue 16: the runner (and with it the trial's worker) is killed with SIGKILL after the
+    trial wrote a checkpoint; `--resume` continues from it, and the final row and curves equal
+    an uninterrupted run's (CPU, apart from timings)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tiny(tmp_path, "ck", "memory = [32]", steps=3000, timeout=600)
+    path.write_text(path.read_text().replace("threads = 1", "threads = 1\ncheckpoint_every = 400"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", str(path), "--results-dir", str(killed),
+         "--run-id", "r", "-q"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(killed.glob("ck/r/work/*/ckpt-*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    assert list(killed.glob("ck/r/work/*/ckpt-*.pt")), "no checkpoint was written"
+    assert not list(killed.glob("ck/r/trials/*.parquet")), "the trial finished before the kill"
+
+    r = runner.invoke(app, ["run", str(path), "--results-dir", str(killed), "--resume", "-q"])
+    assert r.exit_code == 0, r.output
+    clean = tmp_path / "clean"
+    r = runner.invoke(app, ["run", str(path), "--results-dir", str(clean), "-q"])
+    assert r.exit_code == 0, r.output
+
+    a, b = load_run(killed / "ck" / "r"), load_run(only_run(clean, "ck"))
+    assert a["resumed_from_step"][0] > 0 and b["resumed_from_step"][0] is None
+    for col in ("final_loss", "tar@1e-1", "eer", "auc", "drift", "memory_share", "neg_age"):
+        assert a[col][0] == b[col][0], col
+    ca, cb = load_curves(killed / "ck" / "r"), load_curves(only_run(clean, "ck"))
+    assert ca["loss"].to_list() == cb["loss"].to_list()
