@@ -324,11 +324,6 @@ def test_kill_9_mid_trial_then_resume_gives_the_uninterrupted_row(tmp_path):
     """Issue 16: the runner (and with it the trial's worker) is killed with SIGKILL after the
     trial wrote a checkpoint; `--resume` continues from it, and the final row and curves equal
     an uninterrupted run's (CPU, apart from timings)."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     path = tiny(tmp_path, "ck", "memory = [32]", steps=3000, timeout=600)
     path.write_text(path.read_text().replace("threads = 1", "threads = 1\ncheckpoint_every = 400"))
     killed = tmp_path / "killed"
