@@ -34,7 +34,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -302,6 +301,5 @@ def _rank_main(
         with contextlib.suppress(Exception):
             conn.send(("error", time.time(), type(exc).__name__, error_text(exc)))
         conn.close()
-        traceback.print_exc()
         os._exit(1)  # no atexit/destructors: a peer may hold a collective we would wait on
     conn.close()
