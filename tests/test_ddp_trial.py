@@ -358,11 +358,11 @@ def test_deadline_kills_a_hanging_rank_and_times_out():
     t0 = time.monotonic()
     try:
         with pytest.raises(TrialTimeout):
-            run_trial(cfg, deadline=t0 + 45, threads=1)
+            run_trial(cfg, deadline=t0 + 25, threads=1)
     finally:
         watcher.stop = True
         watcher.join()
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 40
     assert not any(_alive(p) for p in watcher.pids.values())
 
 
