@@ -40,7 +40,7 @@ class Interrupt(Exception):
 
 def _stop_at(step: int):
     def progress(update: dict) -> None:
-        if update["step"] == step:
+        if update.get("step") == step:
             raise Interrupt
 
     return progress

@@ -498,9 +498,9 @@ def test_show_skips_a_corrupt_trial_file(run, fmt):
     _, _, run_dir = run
     bad = trial_files(run_dir)[0]
     bad.write_bytes(b"garbage")
-    with pytest.warns(RunDataWarning, match=bad.name):
-        r = invoke("show", run_dir, "--format", fmt)
+    r = invoke("show", run_dir, "--format", fmt)  # the CLI prints the warning as one line
     assert r.exit_code == 0, r.output
+    assert "warning: " in r.output and bad.name in r.output
 
 
 def test_show_with_a_corrupt_curve_file(run):
@@ -512,9 +512,9 @@ def test_show_with_a_corrupt_curve_file(run):
 def test_plot_skips_a_corrupt_trial_file(run, tmp_path):
     _, _, run_dir = run
     trial_files(run_dir)[0].write_bytes(b"")
-    with pytest.warns(RunDataWarning):
-        r = invoke("plot", run_dir, "--out", tmp_path / "plots")
+    r = invoke("plot", run_dir, "--out", tmp_path / "plots")
     assert r.exit_code == 0, r.output
+    assert "warning: " in r.output and "skipped" in r.output
 
 
 def test_compare_with_a_corrupt_trial_file(run):
@@ -555,7 +555,7 @@ def test_show_refuses_a_run_without_readable_rows(run, case, text):
         target = run_dir / "run.json"
     else:
         target = run_dir / "nope"
-    with pytest.warns(RunDataWarning) if case == "all-corrupt" else _no_warning():
+    with _no_warning():  # the CLI turns warnings into one-line messages
         r = invoke("show", target)
     assert r.exit_code == 2 and text in r.output, r.output
 
