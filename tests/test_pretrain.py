@@ -143,7 +143,7 @@ def test_pretrain_data_of_another_input_shape_fails_the_trial_clearly():
     ("pretrain", "match"),
     [
         ('steps = 5\nhead = "arcfase"', "arcfase"),
-        ("steps = 5\n[pretrain.data]\nkind = \"synthetic_ivs\"\ndim = 1", "pretrain data"),
+        ('steps = 5\n[pretrain.data]\nkind = "synthetic_ivs"\ndim = 1', "pretrain data"),
     ],
 )
 def test_pretrain_head_and_data_are_checked_at_validation(pretrain, match):

@@ -160,7 +160,5 @@ def test_compiled_backbone_trains_like_the_eager_one():
     dynamo tracing and AOT autograd without C++ code generation, which takes minutes on this
     CPU); the loss curve matches eager mode."""
     _, c_eager = run_trial(parse_suite(suite_text(steps=4)).trials[0])
-    _, c_comp = run_trial(
-        parse_suite(suite_text(train='compile = "aot_eager"', steps=4)).trials[0]
-    )
+    _, c_comp = run_trial(parse_suite(suite_text(train='compile = "aot_eager"', steps=4)).trials[0])
     assert c_comp["loss"] == pytest.approx(c_eager["loss"], rel=1e-5, abs=1e-6)
