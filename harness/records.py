@@ -295,6 +295,7 @@ def base_row(spec: TrialSpec) -> dict[str, Any]:
         **dict.fromkeys(MEASURED_COLUMNS),
         **{far_key(f): None for f in cfg.eval.far},
         **dict.fromkeys(_ENV),
+        "world_size": cfg.train.world_size,  # also in failed rows (the rank count asked for)
         "host": socket.gethostname(),
         "git_commit": git_state()["commit"],
     }

@@ -27,6 +27,7 @@ import polars as pl
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from harness.records import far_key, metric_info
 
@@ -355,8 +356,8 @@ def print_table(
     table = Table(title=title)
     for h in header:
         table.add_column(h, justify="left" if h in left else "right", overflow="fold")
-    for r in rows:
-        table.add_row(*r)
+    for r in rows:  # cells are data (error texts hold "[/...]"): never parsed as markup
+        table.add_row(*map(Text, r))
     width = Measurement.get(console, console.options.update_width(100_000), table).maximum
     if width <= console.width:
         console.print(table)

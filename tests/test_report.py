@@ -154,3 +154,13 @@ def test_unmeasurable_figures_read_n_a_not_nan():
     assert "n/a" in buf.getvalue() and "nan" not in buf.getvalue()
     header, rows = report.trial_rows(f, 1e-3)
     assert rows[0][header.index("tar@1e-3")] == "n/a"
+
+
+def test_error_texts_with_markup_brackets_print_verbatim():
+    """gloo errors hold paths like "[/tmp/...]": rich must not parse cells as markup (a run's
+    summary once crashed with MarkupError)."""
+    out = io.StringIO()
+    text = "RuntimeError: [/gloo/transport] closed [bold]"
+    report.print_table(Console(file=out, width=200), "t", ["method", "error"], [["m", text]],
+                       ("method", "error"))  # fmt: skip
+    assert text in out.getvalue()
