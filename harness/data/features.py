@@ -9,7 +9,7 @@ Keys (defaults in DEFAULTS):
 - `label_column` / `domain_column`: identity ids (any ints) and 0 = ID / 1 = spot. Without a
   domain, the first sample of each identity (in file order) is its ID photo, the rest spot.
 - `test_fraction`: share of identities held out for the IvS test pairs (identity-disjoint,
-  seeded; see `harness.data.ivs.split_identities`).
+  seeded; see `harness.data.split.split_identities`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.data.ivs import IvSData, split_identities, split_source
+from harness.data.ivs import IvSData
 from harness.data.params import check_float, resolve
+from harness.data.split import split_identities, split_source
 from harness.data.stream import ArrayStore, StreamSource
 
 DEFAULTS: dict[str, Any] = {

@@ -47,8 +47,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from harness.data.cache import content_key, open_cache
-from harness.data.ivs import IvSData, split_source
+from harness.data.ivs import IvSData
 from harness.data.params import check_choice, check_float, check_int, resolve
+from harness.data.split import split_source
 from harness.data.stream import BadSample, Store, StreamSource, default_workers
 
 DEFAULTS: dict[str, Any] = {
