@@ -63,7 +63,14 @@ def suite_of(**changes) -> dict:
 
 @pytest.mark.parametrize(
     ("name", "count"),
-    [("smoke", 5), ("ivs_ablation", 66), ("heads", 48), ("plb_memory", 10), ("finetune", 32)],
+    [
+        ("smoke", 5),
+        ("ivs_ablation", 66),
+        ("heads", 48),
+        ("plb_memory", 10),
+        ("finetune", 32),
+        ("plb_vs_large", 12),
+    ],
 )
 def test_shipped_suites_validate(name, count):
     s = parse_suite((SUITES / f"{name}.toml").read_text(), path=name)
