@@ -70,6 +70,7 @@ def suite_of(**changes) -> dict:
         ("plb_memory", 10),
         ("finetune", 32),
         ("plb_vs_large", 12),
+        ("heads_manyshot", 42),
     ],
 )
 def test_shipped_suites_validate(name, count):
