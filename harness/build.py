@@ -296,10 +296,7 @@ def check_trial(cfg: TrialConfig) -> list[tuple[str, str]]:
                              lambda: make_head(pre.head, cfg.model.embedding, 2,
                                                **pre.head_params))  # fmt: skip
         pre_data = {"kind": pre.data.kind, **pre.data.params()}
-        if pre.data.kind in DATA_KINDS:
-            problems += _attempt("pretrain.data", "pretrain data", validate_data, pre_data)
-        else:
-            problems.append(("pretrain.data", f"unknown data kind {pre.data.kind!r}"))
+        problems += _attempt("pretrain.data", "pretrain data", validate_data, pre_data)
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():
         problems.append(("model.init", f"no such file: {cfg.model.init}"))
     world, gpus = cfg.train.world_size, torch.cuda.device_count()
@@ -324,9 +321,7 @@ def input_shape(cfg: TrialConfig) -> tuple[int, ...] | None:
     `features`)."""
     kind, p = cfg.data.kind, cfg.data.params()
     if kind == "synthetic_ivs":
-        q = {**synthetic.DEFAULTS, **p}
-        size = q["image_size"]
-        return (synthetic.CHANNELS, size, size) if q["modality"] == "images" else (q["dim"],)
+        return synthetic.input_shape({**synthetic.DEFAULTS, **p})
     if kind in ("image_folder", "recordio"):
         q = {**(image_folder.DEFAULTS if kind == "image_folder" else recordio.DEFAULTS), **p}
         return (q["channels"], q["image_size"], q["image_size"])

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typer.core import TyperGroup
 from harness.config import TrialConfig, estimated_extra_mib, trial_timeout
 from harness.executors.placement import oversubscription_warning, usable_cores
 from harness.records import method_name
-from harness.suite import Suite, trial_id
+from harness.results_io import start_time
+from harness.suite import Suite
 
 err_console = Console(stderr=True)
 
@@ -88,7 +88,7 @@ def plan_rows(suite: Suite) -> list[list[str]]:
         timeout = trial_timeout(suite.meta.timeout_s, t)
         return "none" if timeout is None else f"{timeout:g}"
 
-    ids = suite.ids or [trial_id(t) for t in suite.trials]
+    ids = suite.ids
     rows = zip(suite.trials, ids, variants(suite), strict=True)
     return [
         [
@@ -124,7 +124,7 @@ def find_run(path: Path, latest: bool, results_dir: Path) -> Path:
         if not (path / "trials").is_dir() and _runs(path):
             raise ValueError(
                 f"{path} is a suite's directory with {len(_runs(path))} runs: add --latest, or "
-                f"name one, e.g. {max(_runs(path), key=_started)}"
+                f"name one, e.g. {max(_runs(path), key=start_time)}"
             )
         return path
     suite_dir = path if path.is_dir() or path.parent != Path(".") else results_dir / path
@@ -133,7 +133,7 @@ def find_run(path: Path, latest: bool, results_dir: Path) -> Path:
     runs = _runs(suite_dir)
     if not runs:
         raise ValueError(f"no run under {suite_dir} (a directory holding <run_id>/run.json)")
-    return max(runs, key=_started)
+    return max(runs, key=start_time)
 
 
 def _runs(suite_dir: Path) -> list[Path]:
@@ -141,16 +141,3 @@ def _runs(suite_dir: Path) -> list[Path]:
         return [p.parent for p in suite_dir.glob("*/run.json") if p.is_file()]
     except OSError:
         return []
-
-
-def _started(run: Path) -> tuple[str, float]:
-    """Sort key of a run: the `start` in its run.json, then its mtime."""
-    try:
-        start = str(json.loads((run / "run.json").read_text()).get("start") or "")
-    except (OSError, ValueError, AttributeError):
-        start = ""
-    try:
-        mtime = (run / "run.json").stat().st_mtime
-    except OSError:
-        mtime = 0.0
-    return start, mtime

@@ -16,8 +16,6 @@ trains it again).
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,7 @@ from harness import build
 from harness.checkpoint import load_init
 from harness.config import MethodCfg, PretrainCfg, TrialConfig, pretrain_train
 from harness.data import IvSData
+from harness.records import digest
 from harness.train import train
 
 # settings that change how fast a pretrain runs, not what it learns
@@ -55,8 +54,7 @@ def pretrain_key(cfg: TrialConfig) -> str:
     pre = pretrain_config(cfg)
     doc = pre.model_dump(mode="json", include={"seed", "data", "model", "train", "method"})
     doc["train"] = {k: v for k, v in doc["train"].items() if k not in _EXECUTION}
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return digest(doc, 16)
 
 
 def pretrained_backbone(
@@ -72,7 +70,7 @@ def pretrained_backbone(
     when cached) and `init_sha256`. `cache` None: train without caching."""
     key = pretrain_key(cfg)
     if cache is None:
-        seconds, _ = _train(cfg, model, data, device, None, progress)
+        seconds = _train(cfg, model, data, device, None, progress)
         return {"pretrain_key": key, "pretrain_s": seconds, "init_sha256": None}
     folder = cache / "pretrain" / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +78,7 @@ def pretrained_backbone(
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one producer; the others wait, then reuse
         if not weights.is_file():
-            seconds, _ = _train(cfg, model, data, device, folder, progress)
+            seconds = _train(cfg, model, data, device, folder, progress)
     sha = load_init(model, str(weights), [])
     return {"pretrain_key": key, "pretrain_s": seconds, "init_sha256": sha}
 
@@ -92,8 +90,8 @@ def _train(
     device: torch.device,
     folder: Path | None,
     progress: Callable[[dict[str, Any]], None] | None,
-) -> tuple[float, dict[str, Any]]:
-    """Train `model` in place on the pretrain stage; `folder` receives model.pt."""
+) -> float:
+    """Train `model` in place on the pretrain stage (`folder` receives model.pt); seconds."""
     pre = pretrain_config(cfg)
     pre_data = build.data(pre, None if folder is None else folder.parents[2])
     if pre_data.input_shape != data.input_shape:
@@ -107,5 +105,5 @@ def _train(
             progress({**update, "phase": "pretrain"})
 
     t0 = time.perf_counter()
-    summary, _, _ = train(pre, model, pre_data, device, report, lambda: None, folder)
-    return time.perf_counter() - t0, summary
+    train(pre, model, pre_data, device, report, lambda: None, folder)
+    return time.perf_counter() - t0

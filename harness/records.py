@@ -218,11 +218,16 @@ def trial_label(cfg: TrialConfig) -> str:
     return " ".join(parts)
 
 
+def digest(doc: Any, length: int = 12) -> str:
+    """First `length` hex digits of SHA-256 over the canonical JSON of `doc` (sorted keys, no
+    spaces): the one hash behind trial ids, config keys and pretrain keys."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
 def config_key(cfg: TrialConfig) -> str:
     """Hash of a resolved config without its seed: trials that differ only by seed share it."""
-    rest = cfg.model_dump(mode="json", exclude={"seed"})
-    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return digest(cfg.model_dump(mode="json", exclude={"seed"}))
 
 
 def config_columns(cfg: TrialConfig) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from harness.executors.placement import (
 )
 from harness.progress import RunProgress
 from harness.records import TrialOutcome, TrialSpec, trial_label
-from harness.suite import Suite, trial_id
+from harness.suite import Suite
 
 
 class RunInputError(ValueError):
@@ -71,7 +71,7 @@ def run_suite(
     `results.RunWriteError` when results cannot be written (disk full: what was written is
     complete), KeyboardInterrupt after recording it; a failing trial is an outcome.
     """
-    ids = [trial_id(t) for t in suite.trials]
+    ids = suite.ids
     env = collect_env()
     if not env["gpus"] and any(t.train.device == "cuda" for t in suite.trials):
         raise RunInputError(f"{suite.path}: train.device = 'cuda' but no CUDA device is available")

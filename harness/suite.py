@@ -37,7 +37,6 @@ config (which includes the seed): stable across runs and machines, and the resum
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import tomllib
@@ -49,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness import suite_checks as checks
 from harness.config import SECTIONS, SuiteFile, SuiteMeta, TrialConfig
+from harness.records import digest
 from harness.suite_checks import MAX_TRIALS
 
 
@@ -71,8 +71,8 @@ class Suite(BaseModel):
     meta: SuiteMeta
     baseline: TrialConfig
     trials: list[TrialConfig]
-    ids: list[str] = []
-    swept: list[dict[str, Any]] = []
+    ids: list[str]  # trial_id of each trial, computed once by the expansion
+    swept: list[dict[str, Any]]
 
     @property
     def name(self) -> str:
@@ -85,8 +85,7 @@ class Suite(BaseModel):
 
 def trial_id(config: TrialConfig) -> str:
     """Stable id: first 12 hex digits of SHA-256 over the canonical JSON of the config."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return digest(config.model_dump(mode="json"))
 
 
 # --- entry points ------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from harness import build
-from harness.build import build_step
 from harness.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from harness.config import TrialConfig
 from harness.data import IvSData
@@ -128,7 +127,9 @@ class Trainer:
         tr, self.n = cfg.train, cfg.virtual_batch
         self.rank, self.world = rank_and_world_size()
         self.precision = Precision.of(tr, device)
-        self.step_fn, params, self.stateful = build_step(cfg, model, data, device, self.precision)
+        self.step_fn, params, self.stateful = build.build_step(
+            cfg, model, data, device, self.precision
+        )
         self.optimizer = make_optimizer(tr, params)
         self.scheduler = make_scheduler(tr, self.optimizer)
         self.probe = DriftProbe(data.probe_x(PROBE_SIZE).to(device), cfg.method.memory, self.n,

@@ -125,6 +125,15 @@ def check_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return p
 
 
+def input_shape(params: Mapping[str, Any]) -> tuple[int, ...]:
+    """A sample's shape for resolved parameters: (3, image_size, image_size) for images, else
+    (dim,). Suite validation calls it without building the generator."""
+    if params["modality"] == "images":
+        s = params["image_size"]
+        return (CHANNELS, s, s)
+    return (params["dim"],)
+
+
 @dataclass(frozen=True)
 class SyntheticIvS:
     """The fixed part of the generative model (module docstring) for one seed."""
@@ -153,10 +162,7 @@ class SyntheticIvS:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        if self.params["modality"] == "images":
-            s = self.params["image_size"]
-            return (CHANNELS, s, s)
-        return (self.params["dim"],)
+        return input_shape(self.params)
 
     def chunks(
         self, start: int, stop: int, extras: bool = False
