@@ -181,7 +181,8 @@ def run(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue the latest run of this suite (or --run-id): re-run only missing or not-ok trials.",
+        help="Continue the latest run of this suite (or --run-id): re-run only missing or not-ok "
+        "trials; an interrupted trial continues from its last checkpoint.",
     ),
     run_id: str | None = typer.Option(
         None, help="Name of the run directory (default: UTC time + random suffix)."
@@ -206,7 +207,8 @@ def run(
     timeout: float | None = typer.Option(
         None,
         min=0.001,
-        help="Per-trial timeout in seconds (overrides suite.timeout_s; inf = none).",
+        help="Per-trial timeout in seconds, counted from the end of data preparation "
+        "(overrides suite.timeout_s; inf = none).",
     ),
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress output, only the summary."
