@@ -20,9 +20,10 @@ process.
 
 from __future__ import annotations
 
+import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,7 +115,7 @@ class StreamSource:
         if isinstance(self.store, ArrayStore):
             return torch.from_numpy(self.store.read_rows(rows))
         ds = _RowsDataset(self.store, self.on_bad)
-        x, _ = _collate([ds[(int(r), 0, False)] for r in np.asarray(rows)])
+        x, _ = _Collate(None)([ds[(int(r), 0, False)] for r in np.asarray(rows)])
         return normalize(x)
 
     def blocks(self, rows: np.ndarray, block: int, workers: int = 0) -> Iterator[torch.Tensor]:
@@ -128,9 +129,8 @@ class StreamSource:
         spans = [
             [(int(r), 0, False) for r in rows[s : s + block]] for s in range(0, len(rows), block)
         ]
-        loader = _loader(self.store, self.on_bad, spans, workers, torch.Generator())
-        for x, _ in loader:  # copied out of the worker's reused buffer (RING)
-            yield normalize(x) if x.dtype == torch.uint8 else x.clone()
+        for x, _ in _decoded(self.store, self.on_bad, spans, block, workers, torch.Generator()):
+            yield normalize(x) if x.dtype == torch.uint8 else _copy(x)
 
     def train_batches(
         self,
@@ -142,19 +142,27 @@ class StreamSource:
         start: int = 0,
         uint8: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) for each batch of training positions from `index_batches` (endless), whose
-        first batch is batch number `start` of the run: the flips of batch b are drawn from a
-        generator seeded by (seed, b), so a resumed run flips as the uninterrupted one.
+        """(x, y) for each batch of training positions from `index_batches` (endless, all of
+        one size), whose first batch is batch number `start` of the run: the flips of batch b
+        are drawn from a generator seeded by (seed, b), so a resumed run flips as the
+        uninterrupted one.
 
         Workers decode and flip a whole batch into one uint8 array in shared memory
-        (`_collate`): a quarter of the bytes of float32 to hand between processes, which is
+        (`_decoded`): a quarter of the bytes of float32 to hand between processes, which is
         what limits a loader of small images. This process then converts it (`normalize`),
         unless `uint8` (images only): then x stays uint8 pixels, to be normalised on the device
         with `normalize` (4× less host-to-device traffic)."""
         rows, lab = self.train_rows, labels.numpy()
+        if isinstance(self.store, ArrayStore):  # already in (mapped) memory: no loader
+            for idx in index_batches:
+                x = torch.from_numpy(self.store.read_rows(rows[idx.numpy()]))
+                yield _pin(x, pin_memory), _pin(labels[idx], pin_memory)
+            return
+        index_batches = iter(index_batches)
+        first = next(index_batches)
 
         def items() -> Iterator[list[tuple[int, int, bool]]]:
-            for b, idx in enumerate(index_batches, start):
+            for b, idx in enumerate(itertools.chain([first], index_batches), start):
                 pos = idx.numpy()
                 if self.flip and self.store.images:
                     gen = torch.Generator().manual_seed(_stream_seed(seed, 1, b))
@@ -165,23 +173,10 @@ class StreamSource:
                     (int(r), int(y), f) for r, y, f in zip(rows[pos], lab[pos], flips, strict=True)
                 ]
 
-        if isinstance(self.store, ArrayStore):  # already in (mapped) memory: no loader
-            for idx in index_batches:
-                pos = idx.numpy()
-                x = torch.from_numpy(self.store.read_rows(rows[pos]))
-                yield _pin(x, pin_memory), _pin(labels[idx], pin_memory)
-            return
         gen = torch.Generator().manual_seed(_stream_seed(seed, 2))
-        loader = _loader(self.store, self.on_bad, items(), workers, gen)
-        it = iter(loader)
-        try:
-            for x, y in it:
-                x = x.clone() if uint8 or x.dtype != torch.uint8 else normalize(x)  # (RING)
-                yield _pin(x, pin_memory), _pin(y, pin_memory)
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        for x, y in _decoded(self.store, self.on_bad, items(), len(first), workers, gen):
+            x = _copy(x) if uint8 or x.dtype != torch.uint8 else normalize(x)  # (RING)
+            yield _pin(x, pin_memory), _pin(y, pin_memory)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +192,13 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 _SCALE = np.float32(2.0 / 255.0)
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor copied out of a worker's reused buffer (RING) by numpy: torch's copy of a
+    batch-sized tensor runs on its OpenMP threads, whose spin-wait after the copy took ~0.1 ms
+    of CPU per 112 × 112 image from the decoding workers on a 2-core machine."""
+    return torch.from_numpy(x.numpy().copy())
 
 
 def _stream_seed(seed: int, *stream: int) -> int:
@@ -232,54 +234,86 @@ class _RowsDataset(Dataset):
         return len(self.store)
 
 
-_RING: dict[tuple, list] = {}
 RING = PREFETCH + 2
-"""Shared-memory batch buffers per worker, reused in turn. Safe because a worker never has
-more than PREFETCH batches that the trial process has not yet received (the DataLoader sends a
-worker its next batch only after receiving one of its earlier ones), and the trial process
-copies a received batch out (`normalize`, or `clone` for uint8) before it asks for the next.
-Reuse saves a fresh shared-memory segment per batch: its page faults cost more than the copy."""
+"""Shared-memory batch slots per worker, reused in turn. Safe because a worker never has more
+than PREFETCH + 1 batches that the trial process has not yet copied out (the DataLoader sends a
+worker its next batch only after receiving one of its earlier ones, and the trial process copies
+a received batch out — `normalize`, or `_copy` for uint8 — before it asks for the next)."""
 
 
-def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    ring = _RING.setdefault((shape, dtype), [0])
-    turn = ring[0] % RING
-    ring[0] += 1
-    if len(ring) <= turn + 1:
+def _decoded(
+    store: Store,
+    on_bad: str,
+    batches: Iterable[list[tuple[int, int, bool]]],
+    max_batch: int,
+    workers: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y int64) for each list of (row, label, flip) items of `batches` (at most `max_batch`
+    long), decoded by `workers` processes (0 = in this one); x in the store's dtype.
+
+    From workers, x is a view of a slot of `ring` — shared memory allocated here once and
+    inherited by the workers — valid until the next batch is drawn: copy it out. A batch then
+    crosses processes as (worker, slot, n) and the labels: a few hundred pickled bytes, where a
+    tensor per batch would pass a shared-memory file descriptor through a socket and an
+    authentication handshake (~30 µs per 112 × 112 image in each process)."""
+    ring = None
+    if workers > 0:
+        shape = (workers, RING, max_batch, *store.input_shape)
+        dtype = torch.uint8 if store.images else torch.float32
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        storage = torch.UntypedStorage._new_shared(nbytes)
-        ring.append(torch.empty(0, dtype=dtype).set_(storage).view(shape))
-    return ring[turn + 1]
-
-
-def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (B, *shape) in the store's dtype — uint8 for images —, y int64 (B,)): one copy per
-    sample straight into the batch (torch.stack of strided per-sample tensors is far slower).
-    In a worker the batch is one of its reused shared-memory buffers (`RING`), so handing it
-    over copies nothing; the receiver must copy it out before asking for more batches."""
-    first = items[0][0]
-    dtype = torch.uint8 if first.dtype == np.uint8 else torch.float32
-    t = _batch_buffer((len(items), *first.shape), dtype)
-    out = t.numpy()
-    for i, (a, _) in enumerate(items):
-        out[i] = a
-    y = np.fromiter((label for _, label in items), dtype=np.int64, count=len(items))
-    return t, torch.from_numpy(y)
-
-
-def _loader(
-    store: Store, on_bad: str, batch_sampler, workers: int, generator: torch.Generator
-) -> DataLoader:
-    return DataLoader(
+        ring = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes))
+        ring = ring.view(shape)
+    loader = DataLoader(
         _RowsDataset(store, on_bad),
-        batch_sampler=batch_sampler,
+        batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=_Collate(ring),
         prefetch_factor=PREFETCH if workers > 0 else None,
         generator=generator,  # the loader's base seed comes from here, not the global RNG
     )
+    it = iter(loader)
+    try:
+        for x, y in it:
+            if isinstance(x, tuple):  # (worker, slot, n): the batch is in the shared ring
+                w, slot, n = x
+                x = ring[w, slot, :n]
+            yield x, torch.from_numpy(y)
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+class _Collate:
+    """items [(sample as the store reads it, label)] → (x (B, *shape), y int64 (B,) numpy): one
+    copy per sample straight into the batch (torch.stack of strided per-sample tensors is far
+    slower). In a worker, x is written into its next `ring` slot and stands as (worker, slot,
+    B); in-process it is a fresh tensor."""
+
+    def __init__(self, ring: torch.Tensor | None):
+        self.ring = ring
+        self.turn = 0  # per process: each worker has its own copy
+
+    def __call__(
+        self, items: list[tuple[np.ndarray, int]]
+    ) -> tuple[torch.Tensor | tuple[int, int, int], np.ndarray]:
+        y = np.fromiter((label for _, label in items), dtype=np.int64, count=len(items))
+        info = get_worker_info()
+        if info is None or self.ring is None:
+            first = items[0][0]
+            x = np.empty((len(items), *first.shape), dtype=first.dtype)
+            _fill(x, items)
+            return torch.from_numpy(x), y
+        slot = self.turn % RING
+        self.turn += 1
+        _fill(self.ring[info.id, slot, : len(items)].numpy(), items)
+        return (info.id, slot, len(items)), y
+
+
+def _fill(out: np.ndarray, items: list[tuple[np.ndarray, int]]) -> None:
+    for i, (a, _) in enumerate(items):
+        out[i] = a
 
 
 def default_workers() -> int:
