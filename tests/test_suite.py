@@ -68,7 +68,7 @@ def suite_of(**changes) -> dict:
         ("ivs_ablation", 66),
         ("heads", 48),
         ("plb_memory", 10),
-        ("finetune", 32),
+        ("finetune", 144),
         ("plb_vs_large", 12),
         ("heads_manyshot", 42),
     ],
