@@ -70,7 +70,9 @@ def suite_of(**changes) -> dict:
         ("plb_memory", 10),
         ("finetune", 144),
         ("plb_vs_large", 12),
-        ("heads_manyshot", 42),
+        ("heads_manyshot", 63),
+        ("images_finetune", 12),
+        ("images_plb", 12),
     ],
 )
 def test_shipped_suites_validate(name, count):
