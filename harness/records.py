@@ -280,7 +280,21 @@ def params_json(cfg: TrialConfig) -> str:
                 flat.update({f"{prefix}.{k}": v for k, v in value.items()})
             elif f"{section}.{key}" not in _NOT_PARAMS:
                 flat[f"{section}.{key}"] = value
+    flat.update(_pretrain_params(cfg))
     return json.dumps(flat, sort_keys=True, separators=(",", ":"))
+
+
+def _pretrain_params(cfg: TrialConfig) -> dict[str, str]:
+    """The `[pretrain]` stage as one readable key, so that `show` and `plot` tell a from-scratch
+    block and each pretrain apart: {"pretrain": "none"} or {"pretrain": "arcface(m=0.3,s=32.0)
+    3000 steps #1f2e3d"}, the # part a digest of the pretrain's data and train overrides."""
+    pre = cfg.pretrain
+    if not pre.steps:
+        return {"pretrain": "none"}
+    params = ",".join(f"{k}={v}" for k, v in sorted(pre.head_params.items()))
+    head = f"{pre.head}({params})" if params else pre.head
+    setup = digest({"data": pre.data.model_dump(mode="json"), "train": pre.train}, 6)
+    return {"pretrain": f"{head} {pre.steps} steps #{setup}"}
 
 
 def base_row(spec: TrialSpec) -> dict[str, Any]:

@@ -164,3 +164,41 @@ def test_error_texts_with_markup_brackets_print_verbatim():
     report.print_table(Console(file=out, width=200), "t", ["method", "error"], [["m", text]],
                        ("method", "error"))  # fmt: skip
     assert text in out.getvalue()
+
+
+def test_pretrain_blocks_are_told_apart_in_params():
+    """Trials that differ only in their [pretrain] stage (a head sweep, a from-scratch block)
+    carry it in `params`, so `show`/`plot` do not average an ArcFace-pretrained, a
+    softmax-pretrained and a from-scratch trial into one row."""
+    from harness.records import params_json
+    from harness.report import with_variant
+    from harness.suite import parse_suite
+
+    text = """
+[suite]
+name = "p"
+[train]
+steps = 5
+[baseline]
+miner = "batch_hard"
+[[sweep]]
+"pretrain.head" = ["softmax"]
+"pretrain.head_params" = [{}]
+[[sweep]]
+"pretrain.steps" = [0]
+[pretrain]
+steps = 30
+head = "arcface"
+head_params = { s = 32.0, m = 0.3 }
+[pretrain.data]
+photos_per_identity = 4
+"""
+    trials = parse_suite(text, path="p").trials
+    params = [params_json(t) for t in trials]
+    labels = with_variant(pl.DataFrame({"params": params}))["variant"].to_list()
+    assert [label.split(" #")[0] for label in labels] == [
+        "pretrain=arcface(m=0.3,s=32.0) 30 steps",
+        "pretrain=softmax 30 steps",
+        "pretrain=none",
+    ]
+    assert labels[0].split(" #")[1] == labels[1].split(" #")[1]  # same data and train setup
