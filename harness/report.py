@@ -36,6 +36,7 @@ AXES = ("method", "memory", "virtual_batch")
 # config columns that become grouping keys when they vary within a run
 _OPTIONAL_KEYS = (
     "batch",
+    "steps_planned",  # equal-samples comparisons: the same config trained longer
     "margin",
     "memory_weight",
     "lr",

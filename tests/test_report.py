@@ -202,3 +202,21 @@ photos_per_identity = 4
         "pretrain=none",
     ]
     assert labels[0].split(" #")[1] == labels[1].split(" #")[1]  # same data and train setup
+
+
+def test_configs_differing_only_in_steps_are_not_averaged_together():
+    """An equal-samples comparison (the same config trained 4x longer) must keep two rows."""
+    from harness.report import aggregate
+
+    rows = [
+        {
+            "method": "semi_hard+triplet", "memory": 0, "virtual_batch": 64, "status": "ok",
+            "is_baseline": steps == 600, "seed": seed, "steps_planned": steps,
+            "tar@1e-3": tar, "peak_alloc_mib": None, "peak_rss_mib": 100.0,
+            "samples_per_s": 1.0, "eer": 0.1, "auc": 0.9, "params": "{}",
+        }
+        for steps, tar in ((600, 0.79), (2400, 0.86))
+        for seed in range(2)
+    ]  # fmt: skip
+    agg = aggregate(pl.DataFrame(rows), 1e-3)
+    assert agg.sort("steps_planned")["tar@1e-3_mean"].round(2).to_list() == [0.79, 0.86]
