@@ -313,7 +313,8 @@ def plot(
     latest: bool = LATEST_OPT,
     results_dir: Path = ROOT_OPT,
 ) -> None:
-    """Write PNG plots: accuracy vs memory size, peak memory vs virtual batch, throughput vs memory.
+    """Write PNG plots of what the suite sweeps: accuracy and throughput vs memory size (M swept),
+    peak memory vs virtual batch (N swept), and accuracy by configuration (always).
 
     Example: `hembench plot results/ivs_ablation/<run_id> --out figs/`
     """

@@ -126,11 +126,16 @@ def with_variant(frame: pl.DataFrame) -> pl.DataFrame:
     if "params" not in frame.columns:
         return frame
     dicts = [json.loads(p) if p else {} for p in frame["params"]]
-    keys = sorted(
-        k
-        for k in {k for d in dicts for k in d}
-        if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1
-    )
+    methods = frame["method"].to_list() if "method" in frame.columns else [None] * len(dicts)
+
+    def distinguishes(k: str) -> bool:
+        """k varies, and not only with the method (head.s of each head: the method says it)."""
+        by_method: dict[Any, set[str]] = {}
+        for m, d in zip(methods, dicts, strict=True):
+            by_method.setdefault(m, set()).add(json.dumps(d.get(k), sort_keys=True))
+        return any(len(v) > 1 for v in by_method.values())
+
+    keys = sorted(k for k in {k for d in dicts for k in d} if distinguishes(k))
     if not keys:
         return frame
     labels = [" ".join(f"{k}={d.get(k)}" for k in keys) for d in dicts]

@@ -104,10 +104,32 @@ def test_plot_writes_pngs(tmp_path):
     from harness.plots import plot
 
     paths = plot(f, tmp_path, None)
-    assert sorted(p.name for p in paths) == sorted(
-        ["accuracy_vs_memory.png", "peak_memory_vs_virtual_batch.png", "throughput_vs_memory.png"]
-    )
+    assert [p.name for p in paths] == ["accuracy_by_config.png"]  # M and N: 2 values each
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_plots_follow_the_swept_axes(tmp_path):
+    """A line plot for each axis the suite sweeps with ≥ 3 values, none for the others; every
+    series its own (colour, marker); ticks at the swept values."""
+    import matplotlib.pyplot as plt
+
+    from harness import plots
+
+    grid = {(m, n): [0.5 + m / 1e3, 0.6] for m in (0, 64, 256) for n in (32, 64, 128)}
+    made = plots.plot(frame(grid), tmp_path / "a", None)
+    assert sorted(p.name for p in made) == sorted(
+        ["accuracy_vs_memory.png", "throughput_vs_memory.png",
+         "peak_memory_vs_virtual_batch.png", "accuracy_by_config.png"]
+    )  # fmt: skip
+    only_memory = {(m, 32): [0.5, 0.6] for m in (0, 64, 256)}
+    made = plots.plot(frame(only_memory), tmp_path / "b", None)
+    assert "peak_memory_vs_virtual_batch.png" not in {p.name for p in made}
+    styles = plots._styles([{"method": f"m{i}"} for i in range(40)])
+    assert len(set(styles.values())) == 40
+    fig, ax = plt.subplots()
+    plots._x_axis(ax, "memory", [0, 1024, 65536])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1k", "64k"]
+    plt.close(fig)
 
 
 def test_configs_differing_only_in_a_param_are_not_averaged_together():

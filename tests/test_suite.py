@@ -70,7 +70,7 @@ def suite_of(**changes) -> dict:
         ("plb_memory", 10),
         ("finetune", 144),
         ("plb_vs_large", 12),
-        ("heads_manyshot", 63),
+        ("heads_manyshot", 60),
         ("images_finetune", 12),
         ("images_plb", 12),
     ],
