@@ -1,68 +1,84 @@
 """One trial as `train.world_size` processes under torch.distributed (issue 17).
 
 `run_ranks(cfg, rank_fn, ...)` is called by `harness.trial.run_trial` in the trial's own
-process (an executor's worker, or the caller's process in-process) and starts the ranks the way
-`torchrun` would: a free localhost port for the rendezvous, then N processes (start method
-`spawn`) with MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE set;
-each joins the process group (gloo on CPU, NCCL on CUDA with GPU = local rank) and runs
-`rank_fn(cfg, progress, deadline_check, workdir)` (`harness.trial._run`). Inside a rank
-`mining.distributed.rank_and_world_size()` reports the group, and `harness.build.build_step` /
-`harness.train.Trainer` switch to their data-parallel forms (docs/scale_out.md §5).
+process. By default it starts the ranks here the way `torchrun` would: a free localhost port for
+the rendezvous, then N processes (start method `spawn`) with MASTER_ADDR, MASTER_PORT, RANK,
+WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE set. Inside `launched_by(launcher)` it hands its
+arguments to `launcher` instead (the Ray executor's placement group of rank actors,
+`harness.executors.ray_ddp`). Both launchers share the rest:
 
-Rank 0 sends its progress and its result (row values, curves); the other ranks send nothing
-unless they fail. The parent polls the ranks' pipes and process sentinels:
-
-- a rank raises: its error (`rank r of N: Type: message [at ...]`) reaches the parent, which
-  kills the other ranks (they would block in the next collective) and raises;
-- a rank dies without a word (SIGKILL, segfault): the parent sees its sentinel, kills the rest
-  and raises `RankFailed` naming the signal — within `POLL_S` plus `GRACE_S`, never waiting for a
-  collective's timeout;
-- the trial's deadline passes: every rank is killed, `TrialTimeout`;
-- the parent itself dies (its executor kills it at a timeout): every rank gets SIGKILL from
-  the kernel (`PR_SET_PDEATHSIG`, Linux), and a watchdog thread checks the parent pid as well.
-
-The error's type is kept where it decides the trial's status: `NonFiniteLoss` (nan),
-`torch.OutOfMemoryError` (oom), `TrialTimeout`; anything else is `RankFailed` (failed).
+- `rank_body`, what every rank runs: environment, threads, GPU, process group (gloo on CPU,
+  NCCL on CUDA), then `rank_fn(cfg, progress, deadline_check, workdir)` (`harness.trial._run`),
+  where `build_step` and `Trainer` switch to their data-parallel forms (docs/scale_out.md §5);
+- `supervise`, which reads a launcher's `RankGroup` events (rank 0's progress and result, a
+  rank's error, a rank's end) and decides the trial's fate:
+  - a rank raises: its error (`rank r of N: Type: message [at ...]`) is the cause; the other
+    ranks' errors (mostly a collective that lost its peer) are collected for `GRACE_S`, then
+    the launcher kills every rank;
+  - a rank dies without a word (SIGKILL, segfault): `RankFailed` naming the signal (or the Ray
+    error), within `POLL_S` plus `GRACE_S`, never waiting for a collective's timeout;
+  - the trial's deadline passes: every rank is killed, `TrialTimeout`.
+Local ranks die with their parent (`PR_SET_PDEATHSIG` plus a watchdog thread); Ray rank actors
+are owned by the trial's task and die with it. The error's type is kept where it decides the
+trial's status: `NonFiniteLoss` (nan), `torch.OutOfMemoryError` (oom), `TrialTimeout`; anything
+else is `RankFailed` (failed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import contextvars
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.config import TrialConfig
+from harness.ddp_local import LocalRanks, children_allowed, die_with_parent, kill_all
 from harness.records import NonFiniteLoss, TrialTimeout
 from mining.distributed import rank_and_world_size
 
-POLL_S = 0.2  # how often the parent looks at the ranks when nothing arrives
-GRACE_S = 2.0  # after the first failure, how long the parent collects the other ranks' errors
-EXIT_S = 30.0  # after rank 0's result, how long the other ranks may take to exit
-PG_TIMEOUT_S = 1800.0  # collectives of a rank whose peer hangs (the parent usually kills first)
+POLL_S = 0.2  # how often the supervisor looks at the ranks when nothing arrives
+GRACE_S = 2.0  # after the first failure, how long the supervisor collects the other ranks' errors
+EXIT_S = 30.0  # after rank 0's result, how long the other ranks may take to end
+PG_TIMEOUT_S = 1800.0  # collectives of a rank whose peer hangs (the supervisor usually kills first)
 
-RankFn = Callable[..., tuple[dict[str, Any], dict[str, list[Any]]]]
+Result = tuple[dict[str, Any], dict[str, list[Any]]]  # rank 0's (row values, curves)
+RankFn = Callable[..., Result]
+#: what a rank reports: ("progress", rank, dict), ("result", rank, Result),
+#: ("error", rank, (unix time, type name, text)), ("ended", rank, how) where `how` is 0 for a
+#: clean end, else an exit code (negative: the signal) or a description of the death
+Event = tuple[str, int, Any]
+Launcher = Callable[..., Result]  # takes `run_ranks`' arguments
 _KEPT_TYPES: dict[str, type[Exception]] = {
     "NonFiniteLoss": NonFiniteLoss,
     "OutOfMemoryError": torch.OutOfMemoryError,
     "TrialTimeout": TrialTimeout,
 }
+_LAUNCHER: contextvars.ContextVar[Launcher | None] = contextvars.ContextVar(
+    "hembench_ddp_launcher", default=None
+)
 
 
 class RankFailed(RuntimeError):
     """A rank of a data-parallel trial raised or died; the message says which and why."""
+
+
+class RankGroup(Protocol):
+    """A launcher's running ranks, as `supervise` sees them."""
+
+    world: int
+
+    def poll(self, timeout: float) -> list[Event]: ...
 
 
 def backend_for(device: torch.device) -> str:
@@ -76,12 +92,23 @@ def process_group() -> tuple[int, int, str | None]:
     return rank, world, (str(dist.get_backend()) if world > 1 else None)
 
 
-def free_port() -> int:
-    """A localhost TCP port that was free a moment ago (the rendezvous of `torchrun` does the
-    same; rank 0 binds it right away)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of `host` ("" = every interface) that was free a moment ago (the rendezvous
+    of `torchrun` does the same; rank 0 binds it right away)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def launched_by(launcher: Launcher) -> Iterator[None]:
+    """Within this block `run_ranks` starts the ranks with `launcher(cfg, rank_fn, progress,
+    deadline, **kw)` (same arguments as `run_ranks`) instead of local processes."""
+    token = _LAUNCHER.set(launcher)
+    try:
+        yield
+    finally:
+        _LAUNCHER.reset(token)
 
 
 def run_ranks(
@@ -95,7 +122,7 @@ def run_ranks(
     error_text: Callable[[BaseException], str] = lambda e: f"{type(e).__name__}: {e}",
     model_fn: Callable[..., torch.nn.Module] | None = None,
     **rank_kwargs: Any,
-) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+) -> Result:
     """Run `rank_fn(cfg, progress, deadline_check, workdir, **rank_kwargs)` on `cfg.train.world_size` ranks; rank 0's (row values, curves).
 
     `rank_fn`, `error_text` and `model_fn` are pickled to the ranks (module-level functions).
@@ -104,6 +131,10 @@ def run_ranks(
     when set, else the trial's share `threads` (the runner's choice) split between the ranks.
     Raises `RankFailed` (or the rank's `NonFiniteLoss` / OOM / `TrialTimeout`) on failure.
     """
+    launcher = _LAUNCHER.get()
+    if launcher is not None:
+        return launcher(cfg, rank_fn, progress, deadline, threads=threads, workdir=workdir,
+                        error_text=error_text, model_fn=model_fn, **rank_kwargs)  # fmt: skip
     world = cfg.train.world_size
     threads = cfg.train.threads or (max(1, threads // world) if threads else None)
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available()
@@ -115,147 +146,139 @@ def run_ranks(
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "LOCAL_WORLD_SIZE": str(world)}  # fmt: skip
     procs, conns = [], []
-    with _children_allowed():
+    with children_allowed():
         try:
             for rank in range(world):
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_rank_main, name=f"hembench-rank{rank}", daemon=False,
-                    args=(rank, env, backend_for(device), cfg, rank_fn, threads, workdir,
-                          writer, error_text, model_fn, os.getpid(), rank_kwargs),
+                    args=(rank, {**env, "LOCAL_RANK": str(rank)}, backend_for(device), cfg,
+                          rank_fn, threads, workdir, writer, error_text, model_fn, os.getpid(),
+                          rank_kwargs),
                 )  # fmt: skip
                 proc.start()
                 writer.close()  # the rank holds the only write end: its death closes the pipe
                 procs.append(proc)
                 conns.append(reader)
-            return _supervise(procs, conns, progress, deadline)
+            return supervise(LocalRanks(procs, conns), progress, deadline)
         finally:
-            _kill_all(procs)
+            kill_all(procs)
 
 
-def _supervise(
-    procs: list[Any],
-    conns: list[Connection],
+def supervise(
+    ranks: RankGroup,
     progress: Callable[[dict[str, Any]], None] | None,
     deadline: float | None,
-) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Poll the ranks until rank 0's result and every rank's clean exit, or a failure."""
-    world, open_conns = len(procs), dict(zip(conns, range(len(procs)), strict=True))
-    result: tuple[dict[str, Any], dict[str, list[Any]]] | None = None
+) -> Result:
+    """Poll the ranks until rank 0's result and every rank's clean end, or a failure (raised;
+    the caller kills the ranks that are left)."""
+    world = ranks.world
+    result: Result | None = None
     errors: list[tuple[float, int, str, str]] = []  # (time, rank, type, text)
+    ended: dict[int, int | str] = {}
     failing_since: float | None = None
     done_since: float | None = None
     while True:
         if deadline is not None and time.monotonic() > deadline:
             raise TrialTimeout(f"trial ran past its deadline ({world} ranks killed)")
-        ready = wait([*open_conns, *(p.sentinel for p in procs if p.exitcode is None)], POLL_S)
-        for conn in [c for c in ready if c in open_conns]:
-            rank = open_conns[conn]
-            try:
-                kind, *payload = conn.recv()
-            except (EOFError, OSError):
-                del open_conns[conn]  # the rank exited (or died mid-message)
-                continue
+        for kind, rank, payload in ranks.poll(POLL_S):
             if kind == "progress" and progress is not None:
-                progress(payload[0])
+                progress(payload)
             elif kind == "result":
-                result = payload[0], payload[1]
+                result = payload
             elif kind == "error":
                 errors.append((payload[0], rank, payload[1], payload[2]))
-        deaths = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            elif kind == "ended":
+                ended[rank] = payload
+        deaths = [(r, how) for r, how in sorted(ended.items()) if how != 0]
         now = time.monotonic()
         if (errors or deaths) and failing_since is None:
             failing_since = now
         if failing_since is not None:
-            if now - failing_since >= GRACE_S or all(p.exitcode is not None for p in procs):
-                _kill_all(procs)
+            if now - failing_since >= GRACE_S or len(ended) == world:
                 raise _failure(world, errors, deaths)
             continue
-        if all(p.exitcode == 0 for p in procs):
+        if len(ended) == world:  # all clean
             if result is None:
-                raise RankFailed(f"rank 0 of {world} exited without a result")
+                raise RankFailed(f"rank 0 of {world} ended without a result")
             return result
         if result is not None:
             done_since = done_since or now
             if now - done_since > EXIT_S:
-                raise RankFailed(f"ranks did not exit within {EXIT_S:.0f} s after the result")
+                raise RankFailed(f"ranks did not end within {EXIT_S:.0f} s after the result")
 
 
 def _failure(
-    world: int, errors: list[tuple[float, int, str, str]], deaths: list[tuple[int, int]]
+    world: int, errors: list[tuple[float, int, str, str]], deaths: list[tuple[int, int | str]]
 ) -> Exception:
-    """The exception for the parent: the root cause in full (a rank that died without a word
-    before the errors its peers then saw, else the earliest error), the other ranks' errors by
-    type only (they are mostly a collective that lost its peer)."""
+    """The exception for the supervisor: the root cause in full (a rank that died without a
+    word before the errors its peers then saw, else the earliest error), the other ranks'
+    errors by type only (they are mostly a collective that lost its peer)."""
     reported = {rank for _, rank, _, _ in errors}
-    silent = [(r, code) for r, code in deaths if r not in reported]
+    silent = [(r, how) for r, how in deaths if r not in reported]
     errors = sorted(errors)
     if silent:
         cause, cls = f"rank {silent[0][0]} of {world} {_death(silent[0][1])} without a result", None
     else:
         cause, cls = f"rank {errors[0][1]} of {world}: {errors[0][3]}", errors[0][2]
         errors = errors[1:]
-    others = [f"rank {r} {_death(code)}" for r, code in silent[1:]]
+    others = [f"rank {r} {_death(how)}" for r, how in silent[1:]]
     others += [f"rank {r}: {kind}" for _, r, kind, _ in errors]
     text = cause + (f" (then {', '.join(others)})" if others else "")
     return _KEPT_TYPES.get(cls or "", RankFailed)(text)
 
 
-def _death(code: int) -> str:
-    if code < 0:
+def _death(how: int | str) -> str:
+    if isinstance(how, str):
+        return how
+    if how < 0:
         with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+            return f"was killed by {signal.Signals(-how).name}"
+        return f"was killed by signal {-how}"
+    return f"exited with code {how}"
 
 
-def _kill_all(procs: list[Any]) -> None:
-    """SIGKILL every rank still running and reap them all (no orphans, no zombies)."""
-    for p in procs:
-        if p.exitcode is None:
-            with contextlib.suppress(ProcessLookupError, AttributeError):
-                p.kill()
-    for p in procs:
-        with contextlib.suppress(AssertionError):
-            p.join(timeout=10)
+# --- every rank -----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _children_allowed():
-    """Let a daemonic process (a local-executor worker) start the ranks: multiprocessing
-    refuses because a daemon's children would outlive it — the ranks die with their parent
-    (`_die_with_parent`), so the refusal does not apply."""
-    config = mp.current_process()._config  # type: ignore[attr-defined]
-    had, daemon = "daemon" in config, config.get("daemon")
-    config["daemon"] = False
-    try:
-        yield
-    finally:
-        if had:
-            config["daemon"] = daemon
-        else:
-            config.pop("daemon", None)
+def rank_body(
+    rank: int,
+    env: dict[str, str],
+    backend: str,
+    cfg: TrialConfig,
+    rank_fn: RankFn,
+    threads: int | None,
+    workdir: Path | None,
+    model_fn: Callable[..., torch.nn.Module] | None,
+    rank_kwargs: dict[str, Any],
+    progress: Callable[[dict[str, Any]], None] | None,
+    cuda_index: int | None = None,
+) -> Result:
+    """What every rank runs, whoever started it: `env` (MASTER_ADDR, MASTER_PORT, WORLD_SIZE,
+    LOCAL_RANK, ...; set before CUDA is touched), torch threads, GPU `cuda_index` (NCCL), the
+    process group, then `rank_fn`. Raises what `rank_fn` raises; leaves the group joined (the
+    launcher leaves it, or ends the process)."""
+    os.environ.update(env, RANK=str(rank))
+    if threads:
+        torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(cuda_index if cuda_index is not None else rank)
+    if model_fn is not None:
+        from harness import build
+
+        build.model = model_fn
+    dist.init_process_group(backend, init_method="env://", rank=rank,
+                            world_size=int(env["WORLD_SIZE"]),
+                            timeout=timedelta(seconds=PG_TIMEOUT_S))  # fmt: skip
+    return rank_fn(cfg, progress if rank == 0 else None, lambda: None, workdir, **rank_kwargs)
 
 
-# --- inside a rank ------------------------------------------------------------------------------
+def error_message(exc: BaseException, error_text: Callable[[BaseException], str]) -> tuple:
+    """A rank's ("error", ...) payload: (unix time, type name, text)."""
+    return time.time(), type(exc).__name__, error_text(exc)
 
 
-def _die_with_parent(parent_pid: int, rank: int) -> None:
-    """SIGKILL from the kernel when the parent dies (Linux), a watchdog thread elsewhere, and
-    the process named `hembench-r<rank>` (ps, /proc/<pid>/comm)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        libc.prctl(15, f"hembench-r{rank}".encode())  # PR_SET_NAME
-    if os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before prctl took effect
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+# --- the local launcher (its process plumbing: harness.ddp_local) ---------------------------------
 
 
 def _rank_main(
@@ -272,34 +295,18 @@ def _rank_main(
     parent_pid: int,
     rank_kwargs: dict[str, Any],
 ) -> None:
-    _die_with_parent(parent_pid, rank)
-    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    """A local rank process: `rank_body`, its result or error through the pipe."""
+    die_with_parent(parent_pid, rank)
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        if model_fn is not None:
-            from harness import build
-
-            build.model = model_fn
-        dist.init_process_group(backend, init_method="env://", rank=rank,
-                                world_size=int(env["WORLD_SIZE"]),
-                                timeout=timedelta(seconds=PG_TIMEOUT_S))  # fmt: skip
-
-        def progress(info: dict[str, Any]) -> None:
-            conn.send(("progress", info))
-
-        out, curves = rank_fn(
-            cfg, progress if rank == 0 else None, lambda: None, workdir, **rank_kwargs
-        )
+        out = rank_body(rank, env, backend, cfg, rank_fn, threads, workdir, model_fn,
+                        rank_kwargs, lambda info: conn.send(("progress", info)))  # fmt: skip
         if rank == 0:
-            conn.send(("result", out, curves))
+            conn.send(("result", out))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            conn.send(("error", time.time(), type(exc).__name__, error_text(exc)))
+            conn.send(("error", error_message(exc, error_text)))
         conn.close()
         os._exit(1)  # no atexit/destructors: a peer may hold a collective we would wait on
     conn.close()

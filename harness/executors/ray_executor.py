@@ -15,10 +15,15 @@ Each trial is one remote task, run by `harness.trial.execute_trial` in a worker 
   `failed` (`oom` when Ray's memory monitor killed it) and the grid goes on;
 - outcomes come back with `ray.wait` in completion order, into the caller's `on_result` (which
   writes the per-trial Parquet files: same statuses and `--resume` as the local executor);
-- at most `jobs` trials are in flight (default: the cluster's CPU count // `cpus_per_trial`, or
-  its GPU count when every trial needs a GPU), so a trial's `timeout_s`, counted from its
-  submission, is not spent waiting in Ray's queue; an overdue trial's worker is killed
+- at most `jobs` trials are in flight; without `jobs`, at most as many ranks (a trial of
+  `train.world_size = N` counts N) as the cluster's CPU count // `cpus_per_trial`, or its GPU
+  count when every trial needs a GPU, so a trial's `timeout_s`, counted from its submission,
+  is not spent waiting in Ray's queue; an overdue trial's worker is killed
   (`ray.cancel(force=True)`) and reported as `timeout`.
+A trial with `train.world_size = N > 1` runs as N rank actors in a placement group of its own
+(`harness.executors.ray_ddp`, strategy `placement_strategy`), removed when the trial ends,
+whatever ends it; a trial the cluster can never place (more ranks than its GPUs or CPUs) stops
+the run before anything runs (`RunInputError` naming `train.world_size`: exit 2).
 Progress updates are not forwarded (the protocol allows dropping them).
 """
 
@@ -34,6 +39,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from harness.executors import ray_ddp
 from harness.executors.base import (
     ProgressCallback,
     ResultCallback,
@@ -62,6 +68,7 @@ def _execute(spec: TrialSpec, trial_fn: TrialFn | None, threads: int) -> TrialOu
 class _InFlight:
     spec: TrialSpec
     submitted: float
+    pg: Any = None  # a data-parallel trial's placement group, removed when the trial ends
 
 
 def needs_gpu(spec: TrialSpec, cluster_has_gpus: bool) -> bool:
@@ -85,12 +92,16 @@ class RayExecutor:
     Args:
         jobs: most trials in flight at once (None: the cluster's capacity, see module doc).
         address: Ray cluster address (default: `RAY_ADDRESS`; neither -> a local Ray).
-        num_cpus: CPUs of a local Ray started here (default: `jobs * cpus_per_trial`, or all).
-        cpus_per_trial: CPUs each task reserves (and torch threads it uses).
+        num_cpus: CPUs of a local Ray started here (default: `jobs * cpus_per_trial` times the
+            largest `train.world_size`, or all).
+        cpus_per_trial: CPUs each task reserves (and torch threads it uses); per rank for a
+            data-parallel trial.
         runtime_env: Ray runtime environment for `ray.init` (e.g. `{"working_dir": "."}` on a
             cluster whose nodes lack this checkout).
         trial_fn: runs one spec in the worker (default `harness.trial.execute_trial`); must be
             importable or picklable by Ray.
+        placement_strategy: how a data-parallel trial's ranks are spread over nodes: PACK
+            (default: as few nodes as possible), SPREAD, STRICT_PACK or STRICT_SPREAD.
     """
 
     def __init__(
@@ -102,18 +113,23 @@ class RayExecutor:
         cpus_per_trial: int = 1,
         runtime_env: dict[str, Any] | None = None,
         trial_fn: TrialFn | None = None,
+        placement_strategy: str = "PACK",
     ) -> None:
         for name, value in (("jobs", jobs), ("num_cpus", num_cpus)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None; got {value!r}")
         if not isinstance(cpus_per_trial, int) or cpus_per_trial < 1:
             raise ValueError(f"cpus_per_trial must be an int >= 1; got {cpus_per_trial!r}")
+        if placement_strategy not in ray_ddp.STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(ray_ddp.STRATEGIES)}; "
+                             f"got {placement_strategy!r}")  # fmt: skip
         self.jobs = jobs
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
         self.num_cpus = num_cpus
         self.cpus_per_trial = cpus_per_trial
         self.runtime_env = runtime_env
         self.trial_fn = trial_fn
+        self.placement_strategy = placement_strategy
 
     def run(
         self,
@@ -123,7 +139,7 @@ class RayExecutor:
     ) -> None:
         if not trials:
             return
-        started_here = self._connect()
+        started_here = self._connect(max(s.config.train.world_size for s in trials))
         try:
             self._run(trials, on_result)
         finally:  # also on Ctrl-C or a failed write: never leave a local Ray behind
@@ -131,8 +147,9 @@ class RayExecutor:
                 with contextlib.suppress(Exception):
                     ray.shutdown()
 
-    def _connect(self) -> bool:
-        """Attach to the cluster (or the Ray already running here); True if we started one."""
+    def _connect(self, ranks: int) -> bool:
+        """Attach to the cluster (or the Ray already running here); True if we started one
+        (with room for `jobs` trials of `ranks` ranks when `jobs` is given)."""
         if ray.is_initialized():
             return False
         options: dict[str, Any] = {"runtime_env": self.runtime_env, "log_to_driver": False}
@@ -140,7 +157,7 @@ class RayExecutor:
             ray.init(address=self.address, **options)
             return True  # ray.shutdown() only disconnects this driver from a remote cluster
         local_cpus = self.num_cpus or (
-            self.jobs * self.cpus_per_trial if self.jobs else os.cpu_count()
+            self.jobs * self.cpus_per_trial * ranks if self.jobs else os.cpu_count()
         )
         ray.init(num_cpus=local_cpus, include_dashboard=False, **options)
         return True
@@ -156,29 +173,53 @@ class RayExecutor:
         resources = ray.cluster_resources()
         has_gpus = resources.get("GPU", 0) > 0
         gpu = {s.trial_id: needs_gpu(s, has_gpus) for s in trials}
+        problems = ray_ddp.fit_problems(trials, resources, self.cpus_per_trial, gpu)
+        if problems:  # nothing has run: bad input, not failed trials
+            from harness.runner import RunInputError
+
+            raise RunInputError("; ".join(problems))
         capacity = self._capacity(all(gpu.values()), resources)
         task = ray.remote(max_calls=1, max_retries=0)(_execute)
         pending = list(reversed(trials))  # pop() from the end keeps submission order
         in_flight: dict[ray.ObjectRef, _InFlight] = {}
         try:
             while pending or in_flight:
-                while pending and len(in_flight) < capacity:
-                    spec = pending.pop()
-                    ref = task.options(
-                        num_cpus=self.cpus_per_trial,
-                        num_gpus=1 if gpu[spec.trial_id] else 0,
-                        name=f"trial-{spec.trial_id}",
-                    ).remote(spec, self.trial_fn, self.cpus_per_trial)
-                    in_flight[ref] = _InFlight(spec, time.monotonic())
+                while pending and self._room(in_flight, pending[-1], capacity):
+                    spec, pg = pending.pop(), None
+                    if ray_ddp.is_ddp(spec):
+                        ref, pg = ray_ddp.start(spec, gpu[spec.trial_id], self.cpus_per_trial,
+                                                self.placement_strategy, self.trial_fn)  # fmt: skip
+                    else:
+                        ref = task.options(
+                            num_cpus=self.cpus_per_trial,
+                            num_gpus=1 if gpu[spec.trial_id] else 0,
+                            name=f"trial-{spec.trial_id}",
+                        ).remote(spec, self.trial_fn, self.cpus_per_trial)
+                    in_flight[ref] = _InFlight(spec, time.monotonic(), pg)
                 done, _ = ray.wait(
                     list(in_flight), num_returns=1, timeout=self._wait_timeout(in_flight)
                 )
                 for ref in done:
-                    on_result(self._collect(ref, in_flight.pop(ref).spec))
+                    f = in_flight.pop(ref)
+                    ray_ddp.release(f.pg)
+                    on_result(self._collect(ref, f.spec))
                 self._kill_overdue(in_flight, on_result)
         finally:  # interrupted (Ctrl-C) or on_result raised: stop what is still running
-            for ref in in_flight:
+            for ref, f in in_flight.items():
                 ray.cancel(ref, force=True)
+                ray_ddp.release(f.pg)
+
+    def _room(
+        self, in_flight: dict[ray.ObjectRef, _InFlight], spec: TrialSpec, capacity: int
+    ) -> bool:
+        """Whether `spec` may start now: `jobs` counts trials, the cluster's capacity ranks
+        (a trial too big for it still runs, alone)."""
+        if not in_flight:
+            return True
+        if self.jobs is not None:
+            return len(in_flight) < capacity
+        ranks = sum(f.spec.config.train.world_size for f in in_flight.values())
+        return ranks + spec.config.train.world_size <= capacity
 
     @staticmethod
     def _collect(ref: ray.ObjectRef, spec: TrialSpec) -> TrialOutcome:
@@ -202,5 +243,6 @@ class RayExecutor:
         for ref, f in list(in_flight.items()):
             if f.spec.timeout_s is not None and now - f.submitted > f.spec.timeout_s:
                 ray.cancel(ref, force=True)
+                ray_ddp.release(f.pg)  # also kills the ranks, whose owner is the task
                 del in_flight[ref]
                 on_result(timeout_outcome(f.spec, now - f.submitted))

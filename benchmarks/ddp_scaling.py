@@ -1,0 +1,135 @@
+"""Data-parallel speed-up on this machine: 2 ranks x 1 thread vs 1 rank x 1 thread (issue 17).
+
+Each case is one trial run through the local executor (a fresh worker per trial, as
+`hembench run` does) at `train.world_size = 1` and `= 2`, with `train.threads = 1` per rank and
+the same global batch, so the ratio of the rows' `samples_per_s` (global batch / rank 0's
+median step time, warm-up steps excluded) is the speed-up. The two trials of a case alternate
+within every repetition (1 then 2, then 2 then 1, ...) so that a change of machine load hits
+both sides alike; the 1-minute load average is printed before and after each trial, since on a
+shared 2-core machine the ratio measures contention as much as the method
+(docs/scale_out.md §5, "Speed-up"). Issue 17's target: >= 1.6x for a model large enough that
+communication is not dominant.
+
+Cases (synthetic IvS data, batch-hard triplet, no CB-HEM memory: with a memory every rank
+repeats the mining of the global batch against all M rows, which does not shrink with ranks):
+
+- `mlp1024`: features dim 256, `mlp` hidden 1024 x depth 3, embedding 128, global batch 2048;
+- `mlp2048`: the same with hidden 2048, global batch 1024;
+- `cnn_small`: 3x32x32 rendered images, `cnn_small` width 32, embedding 64, global batch 256.
+
+    python benchmarks/ddp_scaling.py                 # 3 repetitions of every case, 40 steps
+    python benchmarks/ddp_scaling.py --reps 5 --steps 60 --cases mlp1024 cnn_small
+    python benchmarks/ddp_scaling.py --smoke         # tiny sizes, 1 repetition: does it run?
+
+Prints markdown tables: every trial, then per case the medians and the median of the
+per-repetition ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from harness.executors.local import LocalExecutor
+from harness.records import TrialOutcome, TrialSpec
+from harness.suite import parse_suite
+
+TEMPLATE = """
+[suite]
+name = "ddp_scaling"
+seeds = [0]
+[data]
+kind = "synthetic_ivs"
+identities = {identities}
+test_identities = 64
+{data}
+[model]
+{model}
+[train]
+steps = {steps}
+warmup_steps = {warmup}
+batch = {batch}
+lr = 0.05
+device = "cpu"
+threads = 1
+world_size = {world}
+[eval]
+far = [1e-1]
+"""
+
+#: name -> (data keys, model keys, global batch); the smoke sizes follow
+CASES: dict[str, tuple[str, str, int]] = {
+    "mlp1024": ("dim = 256", 'kind = "mlp"\nhidden = 1024\ndepth = 3\nembedding = 128', 2048),
+    "mlp2048": ("dim = 256", 'kind = "mlp"\nhidden = 2048\ndepth = 3\nembedding = 128', 1024),
+    "cnn_small": (
+        'modality = "images"\nimage_size = 32',
+        'kind = "cnn_small"\nwidth = 32\nembedding = 64',
+        256,
+    ),
+}
+SMOKE: dict[str, tuple[str, str, int]] = {
+    "mlp1024": ("dim = 16", 'kind = "mlp"\nhidden = 32\nembedding = 8', 64),
+    "mlp2048": ("dim = 16", 'kind = "mlp"\nhidden = 64\nembedding = 8', 64),
+    "cnn_small": (
+        'modality = "images"\nimage_size = 16',
+        'kind = "cnn_small"\nwidth = 8\nembedding = 8',
+        32,
+    ),
+}
+
+
+def spec(case: tuple[str, str, int], world: int, steps: int, warmup: int) -> TrialSpec:
+    data, model, batch = case
+    text = TEMPLATE.format(identities=max(256, batch), data=data, model=model, steps=steps,
+                           warmup=warmup, batch=batch, world=world)  # fmt: skip
+    return TrialSpec(f"w{world}", "ddp_scaling", "bench", parse_suite(text).trials[0])
+
+
+def run_one(s: TrialSpec) -> TrialOutcome:
+    got: list[TrialOutcome] = []
+    LocalExecutor(jobs=1).run([s], got.append)
+    if got[0].status != "ok":
+        raise SystemExit(f"trial world_size={s.config.train.world_size} failed: {got[0].error}")
+    return got[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each (1, 2) pair")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per trial")
+    ap.add_argument("--warmup", type=int, default=5, help="steps excluded from samples/s")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 rep, 4 steps")
+    args = ap.parse_args()
+    cases = SMOKE if args.smoke else CASES
+    reps, steps, warmup = (1, 4, 1) if args.smoke else (args.reps, args.steps, args.warmup)
+    print(f"cores: {os.cpu_count()}, affinity: {len(os.sched_getaffinity(0))}; "
+          f"{steps} steps ({warmup} warm-up), threads = 1 per rank\n")  # fmt: skip
+    print("| case | rep | ranks | samples/s | load before → after |")
+    print("|---|---:|---:|---:|---|")
+    rates: dict[str, dict[int, list[float]]] = {c: {1: [], 2: []} for c in args.cases}
+    for rep in range(reps):
+        for name in args.cases:
+            for world in (1, 2) if rep % 2 == 0 else (2, 1):
+                before = os.getloadavg()[0]
+                outcome = run_one(spec(cases[name], world, steps, warmup))
+                rate = outcome.row["samples_per_s"]
+                rates[name][world].append(rate)
+                print(f"| {name} | {rep} | {world} | {rate:.0f} | "
+                      f"{before:.2f} → {os.getloadavg()[0]:.2f} |", flush=True)  # fmt: skip
+                time.sleep(1.0)  # let the ranks' exit settle before the next start
+    print("\n| case | global batch | 1 rank × 1 thread | 2 ranks × 1 thread | ratio (median "
+          "of reps) | ratios per rep |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---|")
+    for name in args.cases:
+        one, two = rates[name][1], rates[name][2]
+        ratios = [b / a for a, b in zip(one, two, strict=True)]
+        print(f"| {name} | {cases[name][2]} | {statistics.median(one):.0f} | "
+              f"{statistics.median(two):.0f} | {statistics.median(ratios):.2f} | "
+              f"{', '.join(f'{r:.2f}' for r in ratios)} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
