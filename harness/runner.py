@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -130,6 +131,10 @@ def run_suite(
         except res.RunWriteError as exc:
             _record_end(run_dir, resume, "write error")
             raise res.RunWriteError(f"{exc}; after freeing space, resume with {hint}") from None
+        except RunInputError:  # found by the executor before any trial ran (e.g. Ray capacity)
+            if not resume:
+                shutil.rmtree(run_dir.path, ignore_errors=True)  # nothing half-written
+            raise
         statuses = _record_end(run_dir, resume, "finished", strict=True)
     return RunResult(run_dir, ids, statuses)
 
