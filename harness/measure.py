@@ -1,4 +1,5 @@
-"""Measurement: step timing/throughput, torch allocator peaks, an NVML sampler, peak RSS.
+"""Measurement: step timing/throughput, torch allocator peaks, an NVML sampler, peak RSS and
+RSS net of a trial's setup (`RssWatermark`). Live tensor bytes on the CPU: `harness.live_memory`.
 
 Every probe degrades to `None` rather than raising: a trial on a laptop without CUDA or without
 nvidia-ml-py still produces a row (with null columns), and NVML problems warn once per process.
@@ -93,14 +94,78 @@ def allocator_peaks(device: torch.device) -> dict[str, float | None]:
     }
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process, in MiB (ru_maxrss: KiB on Linux, bytes on macOS).
+_peak_floor_mib = 0.0  # the peak before the latest `reset_peak_rss`: peak_rss_mib stays whole
 
-    In a worker process per trial this is the trial's own peak; in-process it is the peak of
-    the whole session so far.
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process, in MiB (ru_maxrss: KiB on Linux, bytes on macOS),
+    resets by `reset_peak_rss` included.
+
+    In a worker process per trial this is the trial's own peak (workers are forked from the
+    forkserver, and a forked child's peak starts at its own RSS; a spawned one would inherit the
+    runner's peak through exec: docs/methods.md §7); in-process it is the peak of the whole
+    session so far.
     """
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / MIB if sys.platform == "darwin" else rss / 1024
+    return max(_peak_floor_mib, rss / MIB if sys.platform == "darwin" else rss / 1024)
+
+
+def current_rss_mib() -> float | None:
+    """Resident set size of this process now, in MiB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / MIB
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter from the current RSS (Linux: "5" written to
+    /proc/self/clear_refs resets VmHWM and ru_maxrss); True if it was reset. The peak before is
+    kept for `peak_rss_mib`."""
+    global _peak_floor_mib
+    before = peak_rss_mib()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:  # not Linux, or /proc read-only
+        return False
+    _peak_floor_mib = before
+    return True
+
+
+def _hwm_rss_mib() -> float | None:
+    """VmHWM (the peak RSS since the process started or its last reset), in MiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next(ln for ln in fh if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+
+
+class RssWatermark:
+    """The RSS of a trial after its setup, and how far above it the RSS went afterwards.
+
+    Created at the end of setup (data, model, objective and optimiser built, before the first
+    step): records the RSS then and restarts the kernel's peak counter. `result()` after
+    training gives, in MiB: `rss_setup_mib` (RSS after setup), `rss_net_mib` (peak RSS since
+    then − rss_setup_mib: what training itself added — memory bank, optimiser state,
+    activations, allocator slack — free of whatever the process held before) and
+    `peak_rss_mib` (the process's peak, setup included, as before). Without /proc (macOS) the
+    net figure is None unless the peak rose during training (then the peak is training's).
+    """
+
+    def __init__(self) -> None:
+        self.peak_before = peak_rss_mib()
+        self.setup = current_rss_mib()
+        self.reset = reset_peak_rss()
+
+    def result(self) -> dict[str, float | None]:
+        peak = peak_rss_mib()
+        since = _hwm_rss_mib() if self.reset else (peak if peak > self.peak_before else None)
+        net = None if since is None or self.setup is None else max(0.0, since - self.setup)
+        return {"peak_rss_mib": peak, "rss_setup_mib": self.setup, "rss_net_mib": net}
 
 
 def _warn_nvml_once(reason: str) -> None:

@@ -4,9 +4,13 @@ values, the legend outside the data, and small multiples where series would over
 
 Which plots a run gets depends on what its suite sweeps (no plot of an axis it does not sweep):
 
-- `accuracy_vs_memory.png`, `throughput_vs_memory.png`: when the CB-HEM memory size takes ≥ 3
-  values; x = M (symlog, 0 = in-batch mining).
+- `accuracy_vs_memory.png`, `throughput_vs_memory.png`, `peak_memory_vs_memory.png`: when the
+  CB-HEM memory size takes ≥ 3 values; x = M (symlog, 0 = in-batch mining).
 - `peak_memory_vs_virtual_batch.png`: when the virtual batch N takes ≥ 3 values; x = N (log2).
+
+Peak memory is `report.with_peak`: the torch allocator's peak on CUDA, the peak of live tensor
+bytes on CPU, where RSS would hide the CB-HEM memory and the PLB cache under the interpreter's
+and the allocator's own hundreds of MiB; the axis label says which.
 - `accuracy_by_config.png`: always; one row per configuration (a dot plot), for grids whose
   configurations are categories (heads, PLB vs a real batch) rather than points on an axis.
 
@@ -22,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from harness.report import AXES, aggregate, group_keys, pick_far, with_variant
+from harness.report import AXES, aggregate, group_keys, peak_source, pick_far, with_variant
 
 MAX_PANELS = 9
 MARKERS = "osD^vP*X<>ph"
@@ -51,12 +55,13 @@ def plot(frame: pl.DataFrame, out_dir: Path, far: float | None = None) -> list[P
     title = str(frame["suite"][0]) if "suite" in frame.columns else "run"
     keys = group_keys(with_variant(frame))
     paths = []
+    peak_label = f"peak memory (MiB; {peak_source(frame)})"
     if agg["memory"].n_unique() >= 3:
         paths.append(_lines(agg, keys, "memory", tar, tar_label, title, out_dir / "accuracy_vs_memory.png"))  # fmt: skip
         paths.append(_lines(agg, keys, "memory", "samples_per_s", "throughput (samples/s)", title, out_dir / "throughput_vs_memory.png"))  # fmt: skip
+        paths.append(_lines(agg, keys, "memory", "peak_mib", peak_label, title, out_dir / "peak_memory_vs_memory.png"))  # fmt: skip
     if agg["virtual_batch"].n_unique() >= 3:
-        ylabel = "peak memory (MiB; torch allocator on CUDA, RSS on CPU)"
-        paths.append(_lines(agg, keys, "virtual_batch", "peak_mib", ylabel, title, out_dir / "peak_memory_vs_virtual_batch.png"))  # fmt: skip
+        paths.append(_lines(agg, keys, "virtual_batch", "peak_mib", peak_label, title, out_dir / "peak_memory_vs_virtual_batch.png"))  # fmt: skip
     paths.append(_dots(agg, keys, tar, tar_label, title, out_dir / "accuracy_by_config.png"))
     return paths
 

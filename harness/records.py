@@ -122,7 +122,8 @@ _MEASURED = {
     "samples_per_s_iqr": pl.Float64, "step_ms_median": pl.Float64,
     "peak_alloc_mib": pl.Float64, "peak_reserved_mib": pl.Float64,
     "nvml_peak_mib": pl.Float64, "nvml_process_peak_mib": pl.Float64, "nvml_samples": pl.Int64,
-    "peak_rss_mib": pl.Float64, "eer": pl.Float64, "auc": pl.Float64,
+    "peak_rss_mib": pl.Float64, "rss_setup_mib": pl.Float64, "rss_net_mib": pl.Float64,
+    "peak_live_mib": pl.Float64, "eer": pl.Float64, "auc": pl.Float64,
     "collapsed": pl.Boolean, "memory_share": pl.Float64, "neg_age": pl.Float64,
     "drift": pl.Float64, "final_loss": pl.Float64, "resumed_from_step": pl.Int64,
     "checkpoint_s": pl.Float64, "checkpoint_bytes": pl.Int64, "init_sha256": pl.String,
@@ -184,6 +185,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("*tar@*", True, 3, "TAR"),  # IvS `tar@1e-3` and .bin sets' `lfw_tar@1e-3`
     Metric("auc", True, 3, "AUC"),
     Metric("*acc*", True, 3, "accuracy"),
+    # memory columns: docs/methods.md §7
+    Metric("peak_live_mib", False, 1, "peak live tensor MiB"),
+    Metric("peak_mib", False, 1, "peak MiB"),  # harness.report.with_peak
+    Metric("rss_net_mib", False, 0, "peak RSS above setup, MiB"),
+    Metric("rss_setup_mib", False, 0, "RSS after setup, MiB"),
     Metric("*_mib", False, 0, "peak MiB"),
     Metric("*_bytes", False, 0, "bytes"),
     Metric("eer", False, 3, "EER"),

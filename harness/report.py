@@ -11,8 +11,9 @@ the metric's range (`<m>_lo`, `<m>_hi`: TAR, EER and AUC lie in [0, 1], so two s
 Tables are never truncated (`print_table`): wider than the terminal they become one line of
 `column=value` per row, off a terminal (CI logs, pipes) they are printed at their full width.
 
-Metrics: `tar@<far>` (one FAR, see `pick_far`), `peak_mib` (torch peak allocated on CUDA, peak
-RSS on CPU: whichever the trial has), `samples_per_s`, `eer`, `auc`.
+Metrics: `tar@<far>` (one FAR, see `pick_far`), `peak_mib` (`with_peak`: the torch allocator's
+peak on CUDA, the peak of live tensor bytes on CPU), `samples_per_s`, `eer`, `auc`, and
+`rss_net_mib` (peak RSS above the RSS after setup) when the run has it.
 """
 
 from __future__ import annotations
@@ -48,37 +49,10 @@ _OPTIONAL_KEYS = (
 )
 # two-sided 95% Student t quantiles by degrees of freedom (df > 30: normal 1.96)
 _T975 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
 
 
 #: (column pattern, lowest, highest value) of metrics with a bounded range; CIs are clipped to it
@@ -109,7 +83,33 @@ def pick_far(frame: pl.DataFrame, far: float | None) -> str:
 
 
 def metric_names(frame: pl.DataFrame, far: float | None) -> list[str]:
-    return [pick_far(frame, far), "peak_mib", "samples_per_s", "eer", "auc"]
+    net = ["rss_net_mib"] if "rss_net_mib" in frame.columns else []
+    return [pick_far(frame, far), "peak_mib", "samples_per_s", "eer", "auc", *net]
+
+
+#: `peak_mib`, the memory figure of `show` and `plot`, is the first of these a trial has: the CUDA
+#: allocator's peak; on CPU the peak of live tensor bytes (counts the CB-HEM memory and the PLB
+#: cache at their size, unlike RSS); peak RSS for trials recorded before peak_live_mib existed
+PEAK_SOURCES = {"peak_alloc_mib": "torch allocator", "peak_live_mib": "live tensors",
+                "peak_rss_mib": "RSS"}  # fmt: skip
+
+
+def with_peak(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` with its `peak_mib` column (see PEAK_SOURCES)."""
+    cols = [c for c in PEAK_SOURCES if c in frame.columns]
+    peak = pl.coalesce(cols) if cols else pl.lit(None, dtype=pl.Float64)
+    return frame.with_columns(peak.alias("peak_mib"))
+
+
+def peak_source(frame: pl.DataFrame) -> str:
+    """What `peak_mib` measures in the ok trials of `frame`: "live tensors", or e.g. "torch
+    allocator / live tensors" in a run of CUDA and CPU trials."""
+    rest, used = frame.filter(pl.col("status") == "ok"), []
+    for col, name in PEAK_SOURCES.items():
+        if col in rest.columns and rest[col].is_not_null().any():
+            used.append(name)
+            rest = rest.filter(pl.col(col).is_null())
+    return " / ".join(used) or "none"
 
 
 def group_keys(frame: pl.DataFrame) -> list[str]:
@@ -153,9 +153,7 @@ def aggregate(frame: pl.DataFrame, far: float | None = None) -> pl.DataFrame:
         # one row per (configuration, seed): a run that holds a trial twice (an older code
         # version, a changed execution setting) must not count it as two seeds — keep the last
         .unique(subset=[*keys, "seed"], keep="last", maintain_order=True)
-        .with_columns(
-            pl.coalesce(pl.col("peak_alloc_mib"), pl.col("peak_rss_mib")).alias("peak_mib")
-        )
+        .pipe(with_peak)
     )
     aggs: list[pl.Expr] = [pl.len().alias("n"), pl.col("is_baseline").all().alias("is_baseline")]
     for m in metrics:
@@ -258,9 +256,11 @@ def show(
     if fmt in ("csv", "json"):
         console.out(agg.write_csv() if fmt == "csv" else agg.write_json() + "\n", end="")
         return
-    titles = {"peak_mib": "peak MiB", "samples_per_s": "samples/s"}
+    titles = {"peak_mib": f"peak MiB ({peak_source(frame)})", "samples_per_s": "samples/s",
+              "rss_net_mib": "RSS net MiB (peak RSS above setup)"}  # fmt: skip
+    shown = [m for m in metric_names(frame, far) if m not in ("eer", "auc")]
     tables = [(f"{frame.height} trials", *trial_rows(frame, far))] if raw else []
-    for m, header, rows in [] if raw else pivots(agg, metric_names(frame, far)[:3]):
+    for m, header, rows in [] if raw else pivots(agg, shown):
         name = titles.get(m, m.replace("tar@", "TAR@"))
         tables.append((f"{name} — mean ± 95% CI over seeds (Δ vs baseline)", header, rows))
     for title, header, rows in tables:
@@ -304,16 +304,13 @@ def trial_rows(frame: pl.DataFrame, far: float | None = None) -> tuple[list[str]
     """(header, rows): one row per trial — id, configuration, seed, status, metrics, time,
     error (its last line) — for the run summary and `show --raw`."""
     tar = pick_far(frame, far)
-    frame = with_variant(frame)
-    if "peak_alloc_mib" in frame.columns and "peak_rss_mib" in frame.columns:
-        frame = frame.with_columns(
-            pl.coalesce(pl.col("peak_alloc_mib"), pl.col("peak_rss_mib")).alias("peak_mib")
-        )
+    frame = with_peak(with_variant(frame))
     cols = [
         ("trial", "trial_id", None), ("method", "method", None), ("memory", "memory", None),
         ("N", "virtual_batch", None), ("variant", "variant", None), ("seed", "seed", None),
         ("status", "status", None), ("samples/s", "samples_per_s", "samples_per_s"),
-        ("peak MiB", "peak_mib", "peak_mib"), (tar, tar, tar), ("time s", "train_time_s", "train_time_s"),
+        ("peak MiB", "peak_mib", "peak_mib"), ("RSS net MiB", "rss_net_mib", "rss_net_mib"),
+        (tar, tar, tar), ("time s", "train_time_s", "train_time_s"),
         ("error", "error", None),
     ]  # fmt: skip
     cols = [c for c in cols if c[1] in frame.columns]

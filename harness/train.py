@@ -34,7 +34,8 @@ from harness import build
 from harness.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from harness.config import TrialConfig
 from harness.data import IvSData
-from harness.measure import StepTimer
+from harness.live_memory import MIB, LiveTensorBytes, state_tensors
+from harness.measure import RssWatermark, StepTimer
 from harness.recipe import Precision, make_optimizer, make_scheduler
 from harness.records import CURVE_COLUMNS, NonFiniteLoss, config_key
 from mining.distributed import rank_and_world_size
@@ -98,6 +99,8 @@ class Injector:
 
 
 PROBE_SIZE = 64
+#: untimed optimisation steps after training under `LiveTensorBytes` (`Trainer.measure_live`)
+LIVE_PROBE_STEPS = 2
 
 
 class Trainer:
@@ -140,6 +143,8 @@ class Trainer:
         self.deadline_check = deadline_check
         self.curves: dict[str, list[Any]] = {k: [] for k in CURVE_COLUMNS}
         self.start = 0
+        self.rss: RssWatermark | None = None  # set when the first step is about to run
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.info: dict[str, Any] = {"resumed_from_step": None, "checkpoint_s": 0.0,
                                      "checkpoint_bytes": None}  # fmt: skip
 
@@ -151,8 +156,9 @@ class Trainer:
         Raises `NonFiniteLoss` on a NaN/inf loss and `TrialTimeout` past the deadline.
         """
         self.resume()
-        batches = self.batches()
+        batches = self._batches = self.batches()
         self.model.train()
+        self.rss = RssWatermark()  # setup ends here: what the steps add is training's
         for step in range(self.start, self.cfg.train.steps):
             self.deadline_check()
             self.injector.before_step(step)
@@ -187,12 +193,18 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimisation step on the virtual batch (x, y); timed."""
         with self.timer.step():
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, stats = self.step_fn(x, y)
-            loss = self.injector.poison(step, loss)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
-            self.precision.step(self.optimizer)
+            return self._update(step, x, y)
+
+    def _update(
+        self, step: int, x: torch.Tensor, y: torch.Tensor, schedule: bool = True
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.step_fn(x, y)
+        loss = self.injector.poison(step, loss)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+        self.precision.step(self.optimizer)
+        if schedule:
             self.scheduler.step()
         return loss, stats
 
@@ -233,6 +245,43 @@ class Trainer:
         summary = {"steps": self.cfg.train.steps, "final_loss": _mean(self.curves["loss"][-tail:])}
         summary.update({k: _mean(self.curves[k][-tail:]) for k in _SUMMARISED})
         return summary | self.info
+
+    def measure_live(self, steps: int = LIVE_PROBE_STEPS) -> float | None:
+        """Peak live tensor bytes of a training step, in MiB: `steps` more optimisation steps on
+        the next batches under `LiveTensorBytes`, the peak over them (None off the CPU, with
+        W > 1 ranks or `train.compile`: there the CUDA allocator peak is the figure).
+
+        Counted: the training state at each step's start (model parameters, buffers and
+        gradients, optimiser state, the objective's CB-HEM memory or the head's weights, the
+        drift-probe set), the batch, and every storage an op allocates during the step while it
+        lives (activations, saved tensors, the PLB cache, mining temporaries) — what the CUDA
+        allocator holds when the data lives on the host. Not counted: the dataset, loader
+        buffers, Python objects. The probe runs after training and evaluation, untimed, without
+        advancing the LR schedule; it changes the model, so nothing may use it afterwards. A
+        probe step that fails (a NaN loss one step too late, say) gives None and a warning: a
+        measurement never fails a trained and evaluated trial.
+        """
+        if self.device.type != "cpu" or self.world > 1 or self.cfg.train.compile or steps < 1:
+            return None
+        try:
+            return self._probe_live(steps) / MIB
+        except Exception as exc:
+            warnings.warn(f"peak_live_mib not measured: {type(exc).__name__}: {exc}", stacklevel=2)
+            return None
+
+    def _probe_live(self, steps: int) -> int:
+        batches = self._batches or self.batches()
+        dataset = state_tensors(self.data)
+        tracker = LiveTensorBytes(self.device, ignore=dataset)  # a probe set may view the data
+        roots = (self.model, self.optimizer, self.stateful, self.step_fn, self.probe)
+        self.model.train()
+        for i in range(steps):
+            x, y = next(batches)
+            tracker.hold([*state_tensors(*roots, exclude=(self.data,)), x, y])
+            with tracker:
+                self._update(self.cfg.train.steps + i, x, y, schedule=False)
+            del x, y  # the next batch is not drawn on top of this one
+        return tracker.peak
 
     # --- checkpoint state -----------------------------------------------------------------
 

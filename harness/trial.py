@@ -32,7 +32,7 @@ from harness.records import (
     TrialTimeout,
     base_row,
 )
-from harness.train import train
+from harness.train import Trainer
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -170,15 +170,17 @@ def _run(
     nvml = measure.NvmlSampler(device.index or 0, cfg.train.nvml_interval_s)
     t0 = time.perf_counter()
     with nvml if device.type == "cuda" else contextlib.nullcontext():
-        summary, curves, timer = train(cfg, model, data, device, progress, deadline_check, workdir)
+        trainer = Trainer(cfg, model, data, device, progress, deadline_check, workdir)
+        summary, curves, timer = trainer.run()
         measure.synchronize(device)
+    assert trainer.rss is not None  # run() sets it before the first step
     out: dict[str, Any] = {
         **summary,
         "train_time_s": time.perf_counter() - t0,
         **measure.throughput_stats(timer.durations, cfg.virtual_batch, cfg.train.warmup_steps),
         **measure.allocator_peaks(device),
         **nvml.result(),
-        "peak_rss_mib": measure.peak_rss_mib(),
+        **trainer.rss.result(),  # peak_rss_mib, rss_setup_mib, rss_net_mib
         **start,
         "device": str(device),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -191,6 +193,8 @@ def _run(
     deadline_check()
     out |= data.quality
     out |= _evaluate(cfg, model, data, device)
+    # last: the probe steps train the model further (untimed; the row's other columns are set)
+    out["peak_live_mib"] = trainer.measure_live()
     return out, curves
 
 

@@ -16,7 +16,8 @@ from harness.trial import run_trial
 from tests.test_recipe import suite_text
 
 TIMING = {"train_time_s", "samples_per_s", "samples_per_s_iqr", "step_ms_median", "peak_rss_mib",
-          "checkpoint_s", "checkpoint_bytes", "resumed_from_step"}  # fmt: skip
+          "rss_setup_mib", "rss_net_mib", "checkpoint_s", "checkpoint_bytes",
+          "resumed_from_step"}  # fmt: skip
 
 METHODS = {
     "cbhem": "memory = 64",  # the memory (with ages) must survive the restart

@@ -118,7 +118,7 @@ def test_plots_follow_the_swept_axes(tmp_path):
     grid = {(m, n): [0.5 + m / 1e3, 0.6] for m in (0, 64, 256) for n in (32, 64, 128)}
     made = plots.plot(frame(grid), tmp_path / "a", None)
     assert sorted(p.name for p in made) == sorted(
-        ["accuracy_vs_memory.png", "throughput_vs_memory.png",
+        ["accuracy_vs_memory.png", "throughput_vs_memory.png", "peak_memory_vs_memory.png",
          "peak_memory_vs_virtual_batch.png", "accuracy_by_config.png"]
     )  # fmt: skip
     only_memory = {(m, 32): [0.5, 0.6] for m in (0, 64, 256)}

@@ -82,6 +82,8 @@ def test_smoke_suite_end_to_end(tmp_path):
         "samples_per_s_iqr": pl.Float64,
         "step_ms_median": pl.Float64,
         "peak_rss_mib": pl.Float64,
+        "rss_net_mib": pl.Float64,
+        "peak_live_mib": pl.Float64,
         "tar@1e-1": pl.Float64,
         "eer": pl.Float64,
         "auc": pl.Float64,
@@ -102,6 +104,7 @@ def test_smoke_suite_end_to_end(tmp_path):
     }.items():
         assert df.schema[col] == dtype, col
     assert (df["samples_per_s"] > 0).all() and (df["peak_rss_mib"] > 0).all()
+    assert (df["peak_live_mib"] > 0).all() and (df["rss_net_mib"] >= 0).all()  # CPU trials
     assert df["tar@1e-1"].is_between(0, 1).all() and df["auc"].is_between(0, 1).all()
     assert df["device"].to_list() == ["cpu"] * len(ids)
     assert df["peak_alloc_mib"].is_null().all()  # CPU: no allocator peaks, RSS instead
@@ -118,7 +121,7 @@ def test_smoke_suite_end_to_end(tmp_path):
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["plot", str(run)])
     assert r.exit_code == 0, r.output
-    assert len(list((run / "plots").glob("*.png"))) == 3
+    assert len(list((run / "plots").glob("*.png"))) == 4  # M: accuracy, throughput, peak; dots
 
 
 def test_every_injected_fault_gets_its_status(tmp_path):
@@ -233,7 +236,9 @@ def test_cpu_determinism_same_rows_apart_from_timings():
         "samples_per_s_iqr",
         "step_ms_median",
         "peak_rss_mib",
-    }
+        "rss_setup_mib",
+        "rss_net_mib",
+    }  # peak_live_mib is not one: live tensor bytes are deterministic
     assert {k: v for k, v in a.items() if k not in timing} == {
         k: v for k, v in b.items() if k not in timing
     }
