@@ -73,6 +73,7 @@ def suite_of(**changes) -> dict:
         ("heads_manyshot", 60),
         ("images_finetune", 12),
         ("images_plb", 12),
+        ("memory_cpu", 12),
     ],
 )
 def test_shipped_suites_validate(name, count):
