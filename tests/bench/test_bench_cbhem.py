@@ -145,39 +145,10 @@ def test_ratio_table(bench_enabled, num_threads):
 
 _LARGE_MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, weakref, torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
+    import json, resource, torch
+    from harness.live_memory import LiveTensorBytes as NewTensorBytes
     from mining.memory import CrossBatchMemory
     from mining.objective import MetricObjective
-
-    class NewTensorBytes(TorchDispatchMode):
-        # Live/peak bytes of storages created by ops inside the mode (freed via weakref).
-        def __init__(self):
-            super().__init__()
-            self.live = self.peak = 0
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs or {}))[0]
-                   if isinstance(t, torch.Tensor)}
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor):
-                    continue
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key in ins or key in self.seen or st.nbytes() == 0:
-                    continue
-                self.seen.add(key)
-                self.live += st.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, key, st.nbytes())
-            return out
-
-        def _free(self, key, nbytes):
-            self.seen.discard(key)
-            self.live -= nbytes
 
     def rss_mib():
         with open("/proc/self/statm") as f:

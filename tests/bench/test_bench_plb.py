@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from harness.live_memory import LiveTensorBytes  # new storages of a step, peak bytes
 from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch
 
@@ -40,44 +38,6 @@ def bench_enabled(request) -> None:
     config = request.config  # addopts holds --benchmark-disable; --benchmark-enable wins
     if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
         pytest.skip("benchmark: run with --benchmark-enable")
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages created by ops inside the mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}  # storage id -> bytes, for the live storages
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        # views and in-place ops return an input's storage: allocated before, not by this op
-        inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor) and _key(t) not in inputs:
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key = storage._cdata
-        if key in self._sizes:
-            return
-        self._sizes[key] = storage.nbytes()
-        self.live += self._sizes[key]
-        self.peak = max(self.peak, self.live)
-        # storages keep their Python object while alive, so this fires when the memory is freed
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key)
-
-
-def _key(t: Tensor) -> int:
-    """Identity of a tensor's storage (the address of its StorageImpl)."""
-    return t.untyped_storage()._cdata
 
 
 def backbone() -> nn.Module:
