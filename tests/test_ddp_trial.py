@@ -152,6 +152,23 @@ def test_mlp_batchnorm_float32_two_ranks_equal_one_process_with_rank_sized_chunk
     _close(_memory(tmp_path / "two"), _memory(tmp_path / "one"), 1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_two_gpus_equal_one_gpu_with_rank_sized_chunks(tmp_path):
+    """The CUDA path: 2 ranks on 2 GPUs over NCCL against 1 GPU with PLB chunks of the rank
+    share (the BatchNorm ghost batches of the float32 CPU test); torch's default keeps TF32 off
+    for matmuls in every process, so 1e-4 is rounding, not TF32."""
+
+    def on_cuda(cfg):
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+
+    row2, curves2 = run_trial(on_cuda(_cfg(2, method=METRIC)), threads=1, workdir=tmp_path / "2")
+    _, curves1 = run_trial(on_cuda(_cfg(1, batch=8, method=METRIC)), threads=1, workdir=tmp_path / "1")  # fmt: skip
+    assert (row2["world_size"], row2["backend"]) == (2, "nccl")
+    _close(torch.tensor(curves2["loss"]), torch.tensor(curves1["loss"]), 1e-4)
+    _close(_memory(tmp_path / "2"), _memory(tmp_path / "1"), 1e-4)
+
+
 def test_margin_head_two_ranks_equal_one_process(tmp_path, monkeypatch):
     """ArcFace replicated on 2 ranks (DDP over backbone + head), float64 backbone and float32
     head: same loss curve, backbone and head weights as one process with the same global
