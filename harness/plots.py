@@ -124,7 +124,6 @@ def _dots(
         facet = "variant" if per_panel.min() > 1 else None
     row_keys = [k for k in keys if k != facet and agg[k].n_unique() > 1] or ["method"]
     panels = _combos(agg, [facet]) if facet else [{}]
-    rows = _combos(agg, row_keys)
     order = (  # best first, by the mean over panels
         agg.group_by(row_keys)
         .agg(pl.col(f"{metric}_mean").mean())
