@@ -298,3 +298,27 @@ def test_state_is_a_buffer_that_follows_the_module(name):
     restored.load_state_dict(head.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(head.buffers(), restored.buffers(), strict=True))
     assert {b.dtype for b in head.double().buffers()} == {torch.float64}
+
+
+@pytest.mark.parametrize(
+    "base", ["cosface", "arcface", "npcface", "hsm", "curricularface", "adaface", "magface"]
+)
+@pytest.mark.parametrize("one_identity", [False, True])
+def test_unpg_loss_equals_cross_entropy_of_its_logits(base, one_identity):
+    """`loss` never builds the (B, C' + K) logits; value and gradients (embeddings, class
+    centres) equal the cross-entropy of `forward`'s logits in float64, also with K = 0."""
+    import copy
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.full((12,), 2) if one_identity else torch.randint(0, 4, (12,), generator=gen)
+    head = HEADS["unpg"](5, 4, base=base, s=16.0, **COUNTED.get(base, {})).double()
+    twin = copy.deepcopy(head)  # curricularface / adaface update buffers in forward
+    emb = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    emb2 = emb.detach().clone().requires_grad_(True)
+    fast = head.loss(emb, labels)
+    slow = F.cross_entropy(twin(emb2, labels), labels) + twin.base.regularizer(emb2)
+    fast.backward()
+    slow.backward()
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(emb.grad, emb2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, twin.weight.grad, rtol=1e-10, atol=1e-12)
