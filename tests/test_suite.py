@@ -71,6 +71,7 @@ def suite_of(**changes) -> dict:
         ("finetune", 144),
         ("plb_vs_large", 12),
         ("heads_manyshot", 60),
+        ("heads_unpg", 48),
         ("images_finetune", 18),
         ("images_plb", 12),
         ("memory_cpu", 12),
