@@ -30,8 +30,8 @@ from harness.report import AXES, aggregate, group_keys, peak_source, pick_far, w
 
 MAX_PANELS = 9
 MARKERS = "osD^vP*X<>ph"
-# a series per (colour, marker) pair: tab10's colours, then tab20's lighter ones
-_COLOURS = [f"C{i}" for i in range(10)]
+# tab10's colours for up to 10 series; tab20's 20 (dark/light pairs) when a plot has more
+_TAB10 = [f"C{i}" for i in range(10)]
 
 
 def plot(frame: pl.DataFrame, out_dir: Path, far: float | None = None) -> list[Path]:
@@ -173,10 +173,16 @@ def _combos(agg: pl.DataFrame, keys: list[str]) -> list[dict[str, Any]]:
 
 
 def _styles(series: list[dict[str, Any]]) -> dict[tuple, tuple[str, str]]:
-    """A distinct (colour, marker) pair per series, keyed by its (key, value) items: colour
-    i mod 10, marker i mod 12, so no two of up to 60 series share both."""
+    """A (colour, marker) pair per series, keyed by its (key, value) items: a colour of its own
+    for up to 20 series (tab10, else tab20), marker i mod 12 on top."""
+    if len(series) <= len(_TAB10):
+        colours = _TAB10
+    else:
+        from matplotlib import colormaps
+
+        colours = list(colormaps["tab20"].colors)
     return {
-        tuple(s.items()): (_COLOURS[i % 10], MARKERS[i % len(MARKERS)])
+        tuple(s.items()): (colours[i % len(colours)], MARKERS[i % len(MARKERS)])
         for i, s in enumerate(series)
     }
 

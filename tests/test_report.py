@@ -126,6 +126,9 @@ def test_plots_follow_the_swept_axes(tmp_path):
     assert "peak_memory_vs_virtual_batch.png" not in {p.name for p in made}
     styles = plots._styles([{"method": f"m{i}"} for i in range(40)])
     assert len(set(styles.values())) == 40
+    for n in (10, 16, 20):  # no two series of a plot share a colour up to 20 series
+        colours = [c for c, _ in plots._styles([{"m": i} for i in range(n)]).values()]
+        assert len(set(map(str, colours))) == n
     fig, ax = plt.subplots()
     plots._x_axis(ax, "memory", [0, 1024, 65536])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1k", "64k"]
