@@ -9,7 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mining.candidates
 from mining.miners import (
+    MINERS,
     BatchHardMiner,
     BidirectionalMiner,
     Candidates,
@@ -25,7 +27,8 @@ from mining.miners import (
 @st.composite
 def candidates(draw):
     """A batch with label collisions (pairs and singletons) and a memory sharing some labels,
-    optionally with masked-out memory rows and memory domains (0 ID, 1 spot, -1 unknown)."""
+    optionally with masked-out memory rows, memory domains (0 ID, 1 spot, -1 unknown) and an
+    anchor subset (a rank's rows of a gathered global batch)."""
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     b, m, d = draw(st.integers(1, 10)), draw(st.integers(0, 25)), draw(st.integers(2, 5))
@@ -42,7 +45,19 @@ def candidates(draw):
         chunk=draw(st.one_of(st.none(), st.integers(1, 8))),
         memory_mask=torch.rand(m, generator=gen) < 0.8 if draw(st.booleans()) else None,
         memory_domains=torch.randint(-1, 2, (m,), generator=gen) if draw(st.booleans()) else None,
+        anchor_rows=draw(st.one_of(st.none(), _row_slices(b))),
     )
+
+
+def _row_slices(b: int):
+    """slice(lo, hi) with 0 <= lo <= hi <= b (empty subsets included)."""
+    return st.integers(0, b).flatmap(lambda lo: st.integers(lo, b).map(lambda hi: slice(lo, hi)))
+
+
+def _anchors(c: Candidates) -> range:
+    """The anchor rows the brute force loops over: the subset, or every batch row."""
+    rows = c.anchor_rows or slice(0, c.num_batch)
+    return range(rows.start, rows.stop)
 
 
 def _all_cands(c: Candidates):
@@ -84,6 +99,7 @@ def _sim(c: Candidates, a, n):
 
 def _assert_valid(c: Candidates, mined):
     for a, p, n in zip(mined.anchor, mined.positive, mined.negative, strict=True):
+        assert int(a) in _anchors(c)
         assert a != p and c.batch_labels[a] == c.batch_labels[p]
         assert c.labels_of(n[None])[0] != c.batch_labels[a]  # same label is never a negative
         assert c.use_batch or n >= c.num_batch
@@ -95,7 +111,7 @@ def test_batch_hard_and_top_k_match_brute_force(c, k):
         mined = miner(c)
         _assert_valid(c, mined)
         expected = []
-        for i in range(c.num_batch):
+        for i in _anchors(c):
             pos = _ref_positive(c, i)
             negs = _ref_negatives(c, i)[:kk]
             if pos is not None:
@@ -115,7 +131,7 @@ def test_semi_hard_matches_brute_force(c):
     mined = SemiHardMiner()(c)
     _assert_valid(c, mined)
     got = {int(a): _sim(c, a, n) for a, n in zip(mined.anchor, mined.negative, strict=True)}
-    for i in range(c.num_batch):
+    for i in _anchors(c):
         pos = _ref_positive(c, i)
         negs = [s for s, _ in _ref_negatives(c, i) if pos is not None and s < pos[0]]
         if negs:
@@ -128,7 +144,7 @@ def test_threshold_returns_every_negative_within_margin(c, margin):
     mined = ThresholdMiner(margin)(c)
     _assert_valid(c, mined)
     expected = set()
-    for i in range(c.num_batch):
+    for i in _anchors(c):
         pos = _ref_positive(c, i)
         if pos is not None:
             expected |= {(i, j) for s, j in _ref_negatives(c, i) if s > pos[0] - margin}
@@ -142,7 +158,7 @@ def test_random_is_admissible_distinct_and_reproducible(c, k):
     _assert_valid(c, mined)
     again = RandomMiner(k, seed=3)(c)
     assert torch.equal(mined.negative, again.negative)
-    for i in range(c.num_batch):
+    for i in _anchors(c):
         mine = mined.negative[mined.anchor == i].tolist()
         n_admissible = len(_ref_negatives(c, i))
         has_pos = _ref_positive(c, i) is not None
@@ -163,7 +179,7 @@ def test_bidirectional_mines_the_other_domain(c):
             return int(domain[j])
         return -1 if c.memory_domains is None else int(c.memory_domains[j - c.num_batch])
 
-    for i in range(c.num_batch):
+    for i in _anchors(c):
         other = lambda j: cand_domain(j) in (-1, 1 - int(domain[i]))  # noqa: E731, B023
         negs = _ref_negatives(c, i, allowed=other)
         if _ref_positive(c, i) is not None and negs:
@@ -201,6 +217,7 @@ def test_occurrence_rank():
 
 @given(candidates(), st.integers(0, 2**31 - 1))
 def test_permuting_the_batch_permutes_the_result(c, seed):
+    c = replace(c, anchor_rows=None)  # a permutation moves rows in and out of a subset
     perm = torch.randperm(c.num_batch, generator=torch.Generator().manual_seed(seed))
     inv = torch.argsort(perm)
     pc = replace(c, batch=c.batch[perm], batch_labels=c.batch_labels[perm])
@@ -236,6 +253,97 @@ def test_no_positives_or_no_negatives_mine_nothing():
             BidirectionalMiner(),
         ):
             assert len(miner(c)) == 0
+
+
+def _miners():
+    return (
+        BatchHardMiner(),
+        TopKMiner(3),
+        SemiHardMiner(),
+        ThresholdMiner(0.3),
+        RandomMiner(2, seed=5),
+        BidirectionalMiner(),
+    )
+
+
+def _triple_set(mined) -> set[tuple[int, int, int]]:
+    return set(zip(mined.anchor.tolist(), mined.positive.tolist(), mined.negative.tolist(), strict=True))
+
+
+@given(candidates(), st.data())
+def test_anchor_subset_mines_the_full_result_restricted_to_its_anchors(c, data):
+    """Σ over a partition of the rows (the ranks) = the result without a subset, index for
+    index: what makes the ranks' terms together the single-process terms."""
+    c = replace(c, anchor_rows=None)
+    cut = data.draw(st.integers(0, c.num_batch))
+    for miner in _miners():
+        full = miner(c)
+        parts = [miner(replace(c, anchor_rows=rows)) for rows in (slice(0, cut), slice(cut, None))]
+        assert sum(len(m) for m in parts) == len(full)
+        assert _triple_set(parts[0]) | _triple_set(parts[1]) == _triple_set(full)
+        assert all(int(a) < cut for a in parts[0].anchor) and all(int(a) >= cut for a in parts[1].anchor)
+
+
+@given(c=candidates())
+def test_anchor_subset_scans_only_its_rows(c, scans):
+    """The speed-up itself: every similarity scan (positives, hardest negatives, threshold
+    window) has at most A = |anchors| rows; batch-hard / top-k / semi-hard scan exactly A."""
+    num_anchors = len(_anchors(c))
+    for miner in _miners():
+        scans.clear()
+        miner(c)
+        negatives = scans.get("negatives", [])  # none without a candidate block
+        assert scans["positives"] == [num_anchors]
+        assert all(rows <= num_anchors for rows in negatives)
+        if isinstance(miner, (BatchHardMiner, TopKMiner, SemiHardMiner)):
+            assert set(negatives) <= {num_anchors}
+            assert len(negatives) == int(c.use_batch) + 1  # one scan per candidate block
+        if isinstance(miner, ThresholdMiner):
+            assert scans["within"] == [num_anchors]
+
+
+@pytest.fixture(scope="module")
+def scans():
+    """Record the anchor rows of every scan of mining.candidates (module-scoped: hypothesis
+    reruns the test body, not the fixture)."""
+    seen: dict[str, list[int]] = {}
+    negatives, positives = mining.candidates.hardest_negatives, mining.candidates.hardest_positives
+    within = Candidates.within
+
+    def record(kind, rows):
+        seen.setdefault(kind, []).append(rows)
+
+    def hardest_negatives(anchors, *args, **kwargs):
+        record("negatives", anchors.shape[0])
+        return negatives(anchors, *args, **kwargs)
+
+    def hardest_positives(emb, labels, anchors=None):
+        out = positives(emb, labels, anchors)
+        record("positives", out[0].shape[0])
+        return out
+
+    def record_within(self, anchors, labels, lower):
+        record("within", anchors.shape[0])
+        return within(self, anchors, labels, lower)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mining.candidates, "hardest_negatives", hardest_negatives)
+        mp.setattr(mining.candidates, "hardest_positives", hardest_positives)
+        mp.setattr(Candidates, "within", record_within)
+        yield seen
+
+
+def test_every_miner_is_covered_by_the_subset_tests():
+    assert {type(m) for m in _miners()} == set(MINERS.values())
+
+
+@pytest.mark.parametrize(
+    "rows", [slice(-1, 2), slice(0, 5), slice(3, 2), slice(0, 4, 2), slice(0.0, 2)]
+)
+def test_bad_anchor_rows_are_rejected(rows):
+    x = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="anchor_rows must be"):
+        replace(Candidates.in_batch(x, torch.arange(4)), anchor_rows=rows)
 
 
 @pytest.mark.parametrize("miner", [TopKMiner, RandomMiner])
