@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from harness.report import AXES, aggregate, group_keys, peak_source, pick_far, with_variant
+from harness.report import AXES, aggregate, group_keys, peak_source, pick_far
 
 MAX_PANELS = 9
 MARKERS = "osD^vP*X<>ph"
@@ -53,7 +53,7 @@ def plot(frame: pl.DataFrame, out_dir: Path, far: float | None = None) -> list[P
             f"cannot use {out_dir} as the plot directory: {exc.strerror or exc}"
         ) from None
     title = str(frame["suite"][0]) if "suite" in frame.columns else "run"
-    keys = group_keys(with_variant(frame))
+    keys = group_keys(agg)  # the keys that vary among the configurations being plotted
     paths = []
     peak_label = f"peak memory (MiB; {peak_source(frame)})"
     if agg["memory"].n_unique() >= 3:
