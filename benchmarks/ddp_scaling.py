@@ -10,11 +10,13 @@ shared 2-core machine the ratio measures contention as much as the method
 (docs/scale_out.md §5, "Speed-up"). Issue 17's target: >= 1.6x for a model large enough that
 communication is not dominant.
 
-Cases (synthetic IvS data, batch-hard triplet, no CB-HEM memory: with a memory every rank
-repeats the mining of the global batch against all M rows, which does not shrink with ranks):
+Cases (synthetic IvS data, batch-hard triplet; each rank mines only its own anchors against
+the global batch and the memory, `mining.distributed.GlobalBatchLoss`):
 
 - `mlp1024`: features dim 256, `mlp` hidden 1024 x depth 3, embedding 128, global batch 2048;
-- `mlp2048`: the same with hidden 2048, global batch 1024;
+- `mlp1024_mem`: the same with a CB-HEM memory of 8,192 rows (full after 4 steps), where the
+  mining scan (anchors x (batch + memory)) is a large share of the step;
+- `mlp2048`: hidden 2048, global batch 1024;
 - `cnn_small`: 3x32x32 rendered images, `cnn_small` width 32, embedding 64, global batch 256.
 
     python benchmarks/ddp_scaling.py                 # 3 repetitions of every case, 40 steps
@@ -55,35 +57,42 @@ lr = 0.05
 device = "cpu"
 threads = 1
 world_size = {world}
+[baseline]
+{method}
 [eval]
 far = [1e-1]
 """
 
-#: name -> (data keys, model keys, global batch); the smoke sizes follow
-CASES: dict[str, tuple[str, str, int]] = {
-    "mlp1024": ("dim = 256", 'kind = "mlp"\nhidden = 1024\ndepth = 3\nembedding = 128', 2048),
-    "mlp2048": ("dim = 256", 'kind = "mlp"\nhidden = 2048\ndepth = 3\nembedding = 128', 1024),
+MLP1024 = 'kind = "mlp"\nhidden = 1024\ndepth = 3\nembedding = 128'
+#: name -> (data keys, model keys, global batch, method keys); the smoke sizes follow
+CASES: dict[str, tuple[str, str, int, str]] = {
+    "mlp1024": ("dim = 256", MLP1024, 2048, ""),
+    "mlp1024_mem": ("dim = 256", MLP1024, 2048, "memory = 8192"),
+    "mlp2048": ("dim = 256", 'kind = "mlp"\nhidden = 2048\ndepth = 3\nembedding = 128', 1024, ""),
     "cnn_small": (
         'modality = "images"\nimage_size = 32',
         'kind = "cnn_small"\nwidth = 32\nembedding = 64',
         256,
+        "",
     ),
 }
-SMOKE: dict[str, tuple[str, str, int]] = {
-    "mlp1024": ("dim = 16", 'kind = "mlp"\nhidden = 32\nembedding = 8', 64),
-    "mlp2048": ("dim = 16", 'kind = "mlp"\nhidden = 64\nembedding = 8', 64),
+SMOKE: dict[str, tuple[str, str, int, str]] = {
+    "mlp1024": ("dim = 16", 'kind = "mlp"\nhidden = 32\nembedding = 8', 64, ""),
+    "mlp1024_mem": ("dim = 16", 'kind = "mlp"\nhidden = 32\nembedding = 8', 64, "memory = 128"),
+    "mlp2048": ("dim = 16", 'kind = "mlp"\nhidden = 64\nembedding = 8', 64, ""),
     "cnn_small": (
         'modality = "images"\nimage_size = 16',
         'kind = "cnn_small"\nwidth = 8\nembedding = 8',
         32,
+        "",
     ),
 }
 
 
-def spec(case: tuple[str, str, int], world: int, steps: int, warmup: int) -> TrialSpec:
-    data, model, batch = case
+def spec(case: tuple[str, str, int, str], world: int, steps: int, warmup: int) -> TrialSpec:
+    data, model, batch, method = case
     text = TEMPLATE.format(identities=max(256, batch), data=data, model=model, steps=steps,
-                           warmup=warmup, batch=batch, world=world)  # fmt: skip
+                           warmup=warmup, batch=batch, world=world, method=method)  # fmt: skip
     return TrialSpec(f"w{world}", "ddp_scaling", "bench", parse_suite(text).trials[0])
 
 
