@@ -1,14 +1,17 @@
-"""Data-parallel CB-HEM: a rank-ordered all-gather so that every rank mines over, and remembers,
-the same global batch.
+"""Data-parallel CB-HEM: every rank mines its own anchors against, and remembers, the same
+global batch.
 
-With W ranks each holding a local batch (B_r, d), one training step should behave like a single
-process fed the global batch ``[batch_0; batch_1; ...; batch_{W-1}]`` (rank order). Three pieces
-give that:
+With W ranks each holding a local batch R_r (B_r, d), one training step should behave like a
+single process fed the global batch ``R = [R_0; R_1; ...; R_{W-1}]`` (rank order, N = Σ_r B_r
+rows). The pieces:
 
 ``all_gather_rank_order(t)``
-    concatenates every rank's ``t`` in rank order -> (Σ_r B_r, ...). The rows of this rank are
-    the local tensor itself (not a gathered copy), so they keep their autograd graph; the other
+    concatenates every rank's ``t`` in rank order -> (N, ...). The rows of this rank are the
+    local tensor itself (not a gathered copy), so they keep their autograd graph; the other
     ranks' rows are constants. Local batch sizes may differ between ranks.
+``all_gather_summed_grad(t)``
+    the same concatenation, differentiable into every row: its backward sums the gradient of
+    the N rows over the ranks (one all-reduce) and hands each rank its own rows.
 ``enqueue_global(memory, emb, labels)``
     enqueues the gathered global batch in every rank's ``CrossBatchMemory`` — one enqueue per
     step, so the memories are identical on all ranks (same rows, order, labels and ages) and
@@ -19,14 +22,46 @@ give that:
     wraps a loss (e.g. ``MetricObjective``) so that it is evaluated on the global batch, and its
     ``before_loss`` / ``after_loss`` hooks (the memory updates) see the global batch too.
 
-Gradient scaling. Every rank computes the same global loss L (identical inputs, identical
-memory), but only its own rows carry a graph, so rank r's backward yields g_r = (∂L/∂R_r)ᵀ J_r
-(J_r = ∂R_r/∂θ). The single-process large-batch gradient is dL/dθ = Σ_r g_r, whereas DDP
-*averages* gradients: (1/W) Σ_r g_r. ``GlobalBatchLoss`` therefore multiplies the gradient that
-flows into the local rows by ``grad_scale = W`` (the loss *value* is unchanged, so logging stays
-meaningful): after DDP's average the gradient is exactly dL/dθ. Pass ``grad_scale=1`` if your
-reduction sums gradients instead of averaging them. Parameters of the loss itself (e.g. a head's
-``weight``) get the same dL/dw on every rank, so averaging them is a no-op.
+Each rank computes its own anchors' terms. The loss of the global batch is a sum over terms,
+each anchored at one row, divided by the reduction's denominator D (the number of terms, or of
+non-zero terms): L = Σ_t ℓ_t / D. If ``loss_fn`` has ``local_loss`` (the protocol below;
+``MetricObjective`` has it), rank r mines and computes only the terms T_r anchored at its own
+rows (global rows offset_r … offset_r + B_r − 1), with positives and negatives searched over all
+N rows and the memory, and divides by the global D (an all-reduce of counts):
+
+    L_r = Σ_{t ∈ T_r} ℓ_t / D,        Σ_r L_r = L.
+
+So the mining scan costs B_r × (N + M) similarities per rank instead of N × (N + M). The loss
+returned on every rank has the value L (an all-reduce of the L_r) and the gradient of L_r.
+
+Gradient scaling. A term of L_r may take its positive or negative from another rank's rows, so
+all N gathered rows carry the graph (``all_gather_summed_grad``): rank r's backward reaches the
+gather with G⁽ʳ⁾ = ∂L_r/∂R (N, d); the gather's backward all-reduces, Σ_r G⁽ʳ⁾ = ∂L/∂R, and hands
+rank r its rows ∂L/∂R_r times ``grad_scale = W``. Rank r's parameter gradient is then
+g_r = W · (∂L/∂R_r)ᵀ J_r (J_r = ∂R_r/∂θ) and DDP's *average* is
+
+    (1/W) Σ_r g_r = Σ_r (∂L/∂R_r)ᵀ J_r = dL/dθ,
+
+the single-process large-batch gradient. That backward all-reduce is a collective: every rank
+must backward its loss, ranks without a term too (their L_r stays connected to the gathered
+rows and contributes a zero gradient). Pass ``grad_scale=1`` if your reduction sums gradients
+instead of averaging them.
+
+A loss without ``local_loss`` (any ``loss_fn(emb (N, d), labels (N,))``) is evaluated whole on
+every rank: each rank computes the same L, only its own rows carry a graph, so its backward
+yields (∂L/∂R_r)ᵀ J_r, and the same factor W makes DDP's average dL/dθ. Parameters of such a
+loss (e.g. a head's ``weight``) get the same dL/dw on every rank, so averaging them is a no-op;
+a loss with parameters of its own must not offer ``local_loss`` (its dL_r/dw differ by rank).
+
+The ``local_loss`` protocol::
+
+    loss_fn.local_loss(emb (N, d), labels (N,), anchors: slice, sum_ranks) -> L_r (scalar)
+
+returns the share of the terms anchored at rows ``anchors`` (candidates: all N rows and the
+loss's own state, e.g. its memory), reduced with global denominators, such that Σ_r L_r = L when
+the ranks' ``anchors`` partition range(N); ``sum_ranks(t)`` sums a tensor over the ranks and
+must be called the same number of times on every rank. Global statistics (``last_stats``) come
+from the same ``sum_ranks`` call.
 
 PLB under DDP. ``PseudoLargeBatch`` runs K chunk backwards per step; letting DDP all-reduce after
 each one is correct but costs K all-reduces. ``gradients_synced_after(ddp_model)`` runs the body
@@ -40,13 +75,14 @@ gradient once when the body exits::
     optimizer.step()                                       # .grad == single-process dL/dθ
 
 Collectives: ``GlobalBatchLoss`` gathers once per loss call (plus once per hook when the wrapped
-loss has hooks), so every rank must make the same calls in the same order. PLB ``exact`` and
-``select`` call the loss once per step; ``chunk_loss`` calls it once per chunk, so it needs the
-same number of chunks on every rank. So does a DDP model with buffers (BatchNorm): DDP broadcasts
-buffers in every forward, and PLB forwards each chunk (twice in ``exact``), so either keep the
-local batch size equal on every rank or build DDP with ``broadcast_buffers=False``. Losses that
-draw random numbers (the ``random`` miner) must
-use the same generator state on every rank to stay identical.
+loss has hooks) and, with ``local_loss``, all-reduces the counts and the loss value in the call
+and the gradient in its backward, so every rank must make the same calls in the same order. PLB
+``exact`` and ``select`` call the loss once per step; ``chunk_loss`` calls it once per chunk, so
+it needs the same number of chunks on every rank. So does a DDP model with buffers (BatchNorm):
+DDP broadcasts buffers in every forward, and PLB forwards each chunk (twice in ``exact``), so
+either keep the local batch size equal on every rank or build DDP with
+``broadcast_buffers=False``. Losses that draw random numbers (the ``random`` miner) must use the
+same generator state on every rank to stay identical.
 
 Without an initialised process group everything degrades to the single-process behaviour
 (world size 1, rank 0).
@@ -66,6 +102,7 @@ from torch.nn.parallel import DistributedDataParallel
 __all__ = [
     "GlobalBatchLoss",
     "all_gather_rank_order",
+    "all_gather_summed_grad",
     "all_reduce_gradients",
     "enqueue_global",
     "gradients_synced_after",
@@ -110,6 +147,26 @@ def _gather_shapes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) 
     return [s[1 : 1 + int(s[0])].tolist() for s in shapes]
 
 
+def _gather_padded(tensor: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """Every rank's detached ``tensor (sizes[r], *rest)`` concatenated in rank order."""
+    # all_gather needs equal shapes: pad every rank to the largest batch, then trim.
+    padded = tensor.detach().new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    buffers = [torch.empty_like(padded) for _ in range(len(sizes))]
+    dist.all_gather(buffers, padded, group=group)
+    return torch.cat([buf[:n] for buf, n in zip(buffers, sizes, strict=True)])
+
+
+def _local_sizes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) -> list[int]:
+    """Every rank's ``tensor.shape[0]``; ValueError unless the other dims agree."""
+    shapes = _gather_shapes(tensor, world, group)
+    if any(s[1:] != list(tensor.shape[1:]) for s in shapes):
+        raise ValueError(
+            f"tensor must have the same shape beyond dim 0 on every rank; got shapes {shapes}"
+        )
+    return [s[0] for s in shapes]
+
+
 def all_gather_rank_order(
     tensor: Tensor,
     group: dist.ProcessGroup | None = None,
@@ -134,20 +191,48 @@ def all_gather_rank_order(
     local = tensor if grad_scale == 1.0 else _ScaleGrad.apply(tensor, grad_scale)
     if world == 1:
         return local, 0
-    shapes = _gather_shapes(tensor, world, group)
-    if any(s[1:] != shapes[rank][1:] for s in shapes):
-        raise ValueError(
-            f"tensor must have the same shape beyond dim 0 on every rank; got shapes {shapes}"
-        )
-    sizes = [s[0] for s in shapes]
-    # all_gather needs equal shapes: pad every rank to the largest batch, then trim.
-    padded = tensor.detach().new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor.detach()
-    buffers = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(buffers, padded, group=group)
-    parts = [buf[:n] for buf, n in zip(buffers, sizes, strict=True)]
-    parts[rank] = local
-    return torch.cat(parts), sum(sizes[:rank])
+    sizes = _local_sizes(tensor, world, group)
+    offset = sum(sizes[:rank])
+    gathered = _gather_padded(tensor, sizes, group)
+    parts = [gathered[:offset], local, gathered[offset + sizes[rank] :]]
+    return torch.cat(parts), offset
+
+
+class _GatherSumGrad(torch.autograd.Function):
+    """Forward: the rank-ordered concatenation (N, *rest). Backward: the gradient of the N rows
+    summed over the ranks (one all-reduce), this rank's rows, times ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, sizes: list[int], rank: int, group, scale: float):
+        ctx.lo, ctx.rows, ctx.group, ctx.scale = sum(sizes[:rank]), sizes[rank], group, scale
+        return _gather_padded(tensor, sizes, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        total = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.lo : ctx.lo + ctx.rows] * ctx.scale, None, None, None, None
+
+
+def all_gather_summed_grad(
+    tensor: Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    grad_scale: float = 1.0,
+) -> tuple[Tensor, int]:
+    """Concatenate every rank's ``tensor (B_r, *rest)`` in rank order, differentiably.
+
+    Returns ``(gathered (Σ_r B_r, *rest), offset)`` like :func:`all_gather_rank_order`, but
+    every row carries the graph: the backward all-reduces (sums) the gradient of ``gathered``
+    over the ranks and returns rows ``offset : offset + B_r`` of the sum times ``grad_scale``.
+    That backward is a collective: every rank must backward through its ``gathered`` exactly
+    when the others do. Without a process group: ``(tensor, 0)`` (gradient scaled).
+    """
+    rank, world = rank_and_world_size(group)
+    if world == 1:
+        return (tensor if grad_scale == 1.0 else _ScaleGrad.apply(tensor, grad_scale)), 0
+    sizes = _local_sizes(tensor, world, group)
+    return _GatherSumGrad.apply(tensor, sizes, rank, group, grad_scale), sum(sizes[:rank])
 
 
 def enqueue_global(
@@ -173,6 +258,8 @@ class GlobalBatchLoss:
     ``loss_fn(emb (N, d), labels (N,)) -> scalar`` with N = Σ_r B_r; it may have the
     ``before_loss`` / ``after_loss`` hooks of the objective protocol (docs/architecture.md),
     which then receive the detached global batch, and a ``last_stats`` dict, which is exposed.
+    If it also has ``local_loss`` (module docstring), each rank computes only the terms of its
+    own anchors (``MetricObjective``: then ``last_stats`` holds the global statistics).
 
     ``__call__(emb (B_r, d), labels (B_r,)) -> loss`` returns L (the same value on every rank);
     its gradient into ``emb`` is ``grad_scale · ∂L/∂emb`` with ``grad_scale`` defaulting to the
@@ -193,9 +280,23 @@ class GlobalBatchLoss:
         self.grad_scale = float(rank_and_world_size(group)[1] if grad_scale is None else grad_scale)
 
     def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
-        global_emb, _ = all_gather_rank_order(emb, self.group, grad_scale=self.grad_scale)
+        local_loss = getattr(self.loss_fn, "local_loss", None)
+        if not callable(local_loss) or rank_and_world_size(self.group)[1] == 1:
+            global_emb, _ = all_gather_rank_order(emb, self.group, grad_scale=self.grad_scale)
+            global_labels, _ = all_gather_rank_order(labels.detach(), self.group)
+            return self.loss_fn(global_emb, global_labels)
+        global_emb, offset = all_gather_summed_grad(emb, self.group, grad_scale=self.grad_scale)
         global_labels, _ = all_gather_rank_order(labels.detach(), self.group)
-        return self.loss_fn(global_emb, global_labels)
+        anchors = slice(offset, offset + emb.shape[0])
+        share = local_loss(global_emb, global_labels, anchors, self._sum_ranks)
+        # Value L = Σ_r L_r (bit-identical on every rank), gradient that of L_r.
+        return self._sum_ranks(share.detach()) + (share - share.detach())
+
+    def _sum_ranks(self, t: Tensor) -> Tensor:
+        """Elementwise sum of ``t`` over the ranks (a new tensor)."""
+        total = t.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=self.group)
+        return total
 
     def before_loss(self, emb: Tensor, labels: Tensor) -> None:
         self._hook("before_loss", emb, labels)

@@ -23,6 +23,8 @@ a spot anchor only ID photos. Other miners ignore domains.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,10 @@ from .miners import MINERS, Candidates, ivs_domains
 _REDUCTIONS = ("mean_nonzero", "mean_all")
 _ENQUEUE = ("before", "after")
 _MINERS_WITH_K = ("top_k", "random")
+# The additive per-call counts and sums (float64, in this order) behind the denominator and
+# ``last_stats``; ``local_loss`` sums them over the ranks. "straddling": mps terms whose
+# positive is not an anchor of this call (their pair's other direction is elsewhere).
+_SUMS = ("terms", "active", "from_memory", "age", "active_anchors", "batch", "memory", "straddling")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -55,6 +61,20 @@ def _keep_max_per_pair(term: Tensor, anchor: Tensor, positive: Tensor, num_batch
         0, group, torch.where(is_best, order, -1), reduce="amax"
     )
     return winner
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """The mined terms of one call, each ``(T,)``: anchor and negative (:class:`Mined`
+    indices), ``term`` (the per-term loss, with gradient); ``f (N, d)`` is the normalised batch
+    (with gradient), ``ages (T_m,)`` the ages of the memory negatives, ``straddling`` see _SUMS."""
+
+    f: Tensor
+    anchor: Tensor
+    negative: Tensor
+    term: Tensor
+    ages: Tensor
+    straddling: int
 
 
 class MetricObjective:
@@ -168,6 +188,45 @@ class MetricObjective:
     # -- the loss -------------------------------------------------------------------------------
     def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
         """Loss of ``emb (N, d)`` (raw; L2-normalised here) with int64 ``labels (N,)``; pure."""
+        terms = self._terms(emb, labels, None)
+        sums = self._sums(terms)
+        count = self._count(sums)
+        self.last_stats = self._stats(sums, emb.shape[0], count)
+        return self._loss(terms, count)
+
+    def local_loss(
+        self,
+        emb: Tensor,
+        labels: Tensor,
+        anchors: slice,
+        sum_ranks: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """This rank's share L_r of the loss of the global batch ``emb (N, d)``: the terms
+        anchored at rows ``anchors`` only, over the same candidates (all N rows ∪ the memory),
+        divided by the global denominator, so that Σ_r L_r = L (the loss of
+        :meth:`__call__`) when the ranks' ``anchors`` partition range(N); pure.
+
+        ``sum_ranks(t)`` returns the elementwise sum of ``t`` over the ranks; it is called once
+        per call, on a float64 vector of additive counts and sums, from which the denominator
+        and ``last_stats`` (the global statistics) are computed. The max-per-pair loss (mps)
+        needs both directions of a positive pair on one rank: if a term's positive is not among
+        ``anchors`` on some rank, every rank raises a ValueError.
+        """
+        terms = self._terms(emb, labels, anchors)
+        sums = sum_ranks(self._sums(terms))
+        if sums[_SUMS.index("straddling")] > 0:
+            raise ValueError(
+                f"loss={self.loss_name!r} keeps the larger direction of each positive pair, so "
+                "every identity's rows must be anchors of one rank; "
+                f"{int(sums[_SUMS.index('straddling')])} terms have their positive on another "
+                "rank: give each rank whole identities"
+            )
+        count = self._count(sums)
+        self.last_stats = self._stats(sums, emb.shape[0], count)
+        return self._loss(terms, count)
+
+    def _terms(self, emb: Tensor, labels: Tensor, anchors: slice | None) -> _Terms:
+        """Mine (anchors only, if given) and compute every term's loss with gradient."""
         if emb.ndim != 2 or labels.shape != (emb.shape[0],):
             raise ValueError(
                 f"emb must be (N, d) and labels (N,), got {tuple(emb.shape)} and {tuple(labels.shape)}"
@@ -197,6 +256,7 @@ class MetricObjective:
             chunk=self.chunk,
             memory_mask=mem_mask,
             memory_domains=mem_domains,
+            anchor_rows=anchors,
         )
         if self.miner_name == "random":
             self.miner.seed = self.seed * 1_000_003 + self.step  # same draw on every call of a step
@@ -218,30 +278,60 @@ class MetricObjective:
             nn=None if n2 is None else (rows_n * cands.rows(n2, batch=f)).sum(dim=1),
         )
         term = self.loss(sims)
-        if self.loss.max_per_pair and term.numel():
-            keep = _keep_max_per_pair(term, a, p, num_batch)
-            a, p, n, term = a[keep], p[keep], n[keep], term[keep]
+        straddling = 0
+        if self.loss.max_per_pair:
+            own = cands.anchor_slice
+            straddling = int(((p < own.start) | (p >= own.stop)).sum())
+            if term.numel():
+                keep = _keep_max_per_pair(term, a, p, num_batch)
+                a, p, n, term = a[keep], p[keep], n[keep], term[keep]
+        ages = mem_ages[n[n >= num_batch] - num_batch]
+        return _Terms(f, a, n, term, ages, straddling)
 
-        from_memory = n >= num_batch
-        active = term.detach() > 0
-        count = term.numel() if self.reduction == "mean_all" else int(active.sum())
-        zero = f.sum() * 0.0  # keeps the graph connected: an all-zero gradient, never NaN
+    def _sums(self, t: _Terms) -> Tensor:
+        """``(len(_SUMS),) float64``: the additive counts and sums of the terms (see _SUMS)."""
+        from_memory = t.negative >= t.f.shape[0]
+        term = t.term.detach()
+        active = term > 0
+        values = [
+            term.numel(),
+            active.sum(),
+            from_memory.sum(),
+            t.ages.sum(),
+            t.anchor[active].unique().numel(),  # anchors are disjoint across ranks: additive
+            term[~from_memory].sum(),
+            term[from_memory].sum(),
+            t.straddling,
+        ]
+        return torch.stack(
+            [torch.as_tensor(v, device=term.device).to(torch.float64) for v in values]
+        )
+
+    def _count(self, sums: Tensor) -> int:
+        """The reduction's denominator D: all terms, or those with a non-zero loss."""
+        return int(sums[_SUMS.index("terms" if self.reduction == "mean_all" else "active")])
+
+    def _loss(self, t: _Terms, count: int) -> Tensor:
+        """L_batch + w·L_mem of the terms ``t`` over the denominator ``count``."""
+        from_memory = t.negative >= t.f.shape[0]
         if count == 0:
-            loss = loss_batch = loss_mem = zero
-        else:
-            loss_batch = term[~from_memory].sum() / count
-            loss_mem = term[from_memory].sum() / count
-            loss = loss_batch + self.memory_weight * loss_mem
-        mem_rows = n[from_memory] - num_batch
-        self.last_stats = {
-            "memory_share": float(from_memory.float().mean()) if n.numel() else 0.0,
-            "neg_age": float(mem_ages[mem_rows].double().mean()) if mem_rows.numel() else math.nan,
-            "active_frac": float(a[active].unique().numel() / num_batch) if num_batch else 0.0,
-            "num_terms": float(term.numel()),
-            "loss_batch": float(loss_batch.detach()),
-            "loss_mem": float(loss_mem.detach()),
+            return t.f.sum() * 0.0  # keeps the graph connected: an all-zero gradient, never NaN
+        loss_batch = t.term[~from_memory].sum() / count
+        loss_mem = t.term[from_memory].sum() / count
+        return loss_batch + self.memory_weight * loss_mem
+
+    @staticmethod
+    def _stats(sums: Tensor, num_batch: int, count: int) -> dict[str, float]:
+        """``last_stats`` from the (global) sums; see the class docstring."""
+        terms, _, from_memory, age, anchors, batch, memory, _ = sums.tolist()
+        return {
+            "memory_share": from_memory / terms if terms else 0.0,
+            "neg_age": age / from_memory if from_memory else math.nan,
+            "active_frac": anchors / num_batch if num_batch else 0.0,
+            "num_terms": terms,
+            "loss_batch": batch / count if count else 0.0,
+            "loss_mem": memory / count if count else 0.0,
         }
-        return loss
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:

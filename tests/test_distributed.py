@@ -89,19 +89,28 @@ class MemoryTripletLoss:
         self.memory.enqueue(emb, labels)
 
 
-# name -> (step: plain | a PLB mode, objective: the stub | MetricObjective, grad_scale)
+# name -> (step: plain | a PLB mode, objective: the stub | a MetricObjective, grad_scale).
+# The stub is evaluated whole on every rank; a MetricObjective (it has local_loss) computes
+# only each rank's own anchors' terms (mining.distributed docstring).
 VARIANTS = {
     "plain": ("plain", "stub", None),
     "plb_exact": ("exact", "stub", None),
     "plb_chunk_loss": ("chunk_loss", "stub", None),
     "unscaled": ("plain", "stub", 1.0),
     "metric_objective_plb_exact": ("exact", "metric", None),
+    "metric_objective_plain": ("plain", "metric", None),
+    "metric_objective_plb_chunk_loss": ("chunk_loss", "metric", None),
+    "metric_objective_plb_select": ("select", "metric", None),
+    "top_k_quadruplet_plain": ("plain", "top_k_quadruplet", None),
 }
 
 
 def make_objective(kind: str):
     if kind == "metric":
         return MetricObjective(memory_size=7, memory_dtype=torch.float64)
+    if kind == "top_k_quadruplet":
+        return MetricObjective("top_k", "quadruplet", k=2, memory_size=7, reduction="mean_all",
+                               memory_dtype=torch.float64)  # fmt: skip
     return MemoryTripletLoss(size=7)
 
 

@@ -372,6 +372,110 @@ def test_state_dict_roundtrip():
     assert other.memory.get_domains().tolist() == [0, 0, 1, 1]  # first occurrence = ID photo
 
 
+def _simulated_ranks(obj, x, y, bounds):
+    """``local_loss`` on each rank's rows ``bounds = [(lo, hi), ...]`` of one process: a first
+    pass records every rank's sums, a second hands each rank their total (what the
+    all-reduce of ``sum_ranks`` gives). Returns [(L_r, dL_r/dx (N, d), last_stats)]."""
+    local = []
+
+    def record(t):
+        local.append(t)
+        return t
+
+    for lo, hi in bounds:
+        obj.local_loss(x, y, slice(lo, hi), record)
+    total = torch.stack(local).sum(dim=0)
+    shares = []
+    for lo, hi in bounds:
+        leaf = x.clone().requires_grad_(True)
+        share = obj.local_loss(leaf, y, slice(lo, hi), lambda t: total)
+        share.backward()
+        assert leaf.grad is not None  # a rank without terms still reaches the gathered rows
+        shares.append((share.detach(), leaf.grad, dict(obj.last_stats)))
+    return shares
+
+
+def _assert_stats_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), key
+        else:
+            assert math.isclose(got[key], value, rel_tol=1e-12, abs_tol=1e-12), key
+
+
+MEMORY_SETUPS = {
+    "none": {},
+    "warm-up": {"memory_size": 12, "warmup_steps": 5},
+    "after": {"memory_size": 12, "enqueue": "after"},
+    "before, memory only": {"memory_size": 9, "enqueue": "before", "in_batch": False,
+                            "memory_weight": 0.5},  # fmt: skip
+}
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    miner=st.sampled_from(["batch_hard", "top_k", "semi_hard", "threshold", "random", "bidirectional"]),
+    loss=st.sampled_from(["triplet", "triplet_l2", "quadruplet", "mps"]),
+    memory=st.sampled_from(sorted(MEMORY_SETUPS)),
+    reduction=st.sampled_from(["mean_nonzero", "mean_all"]),
+    pairs=st.integers(1, 6),
+    random_labels=st.booleans(),
+    data=st.data(),
+)
+def test_rank_shares_sum_to_the_loss_with_global_stats(
+    seed, miner, loss, memory, reduction, pairs, random_labels, data
+):
+    """Σ_r L_r = L and Σ_r dL_r/dx = dL/dx for ranks owning consecutive rows (any cut, empty
+    shares included; whole identities for mps), and every rank's last_stats = the global ones."""
+    gen = torch.Generator().manual_seed(seed)
+    obj = MetricObjective(
+        miner, loss, margin=0.3, k=3 if miner in ("top_k", "random") else 1,
+        reduction=reduction, memory_dtype=torch.float64, chunk=3, seed=seed % 7,
+        **MEMORY_SETUPS[memory],
+    )  # fmt: skip
+    for step in range(2):
+        hx, hy = _ivs_batch(gen, 3, 4, offset=step)
+        obj.before_loss(hx, hy)
+        obj.after_loss(hx, hy)
+    x, y = _ivs_batch(gen, pairs, 4)
+    if random_labels and loss != "mps":  # identities straddle the ranks
+        y = torch.randint(0, 4, y.shape, generator=gen)
+    n = y.shape[0]
+    step = 2 if loss == "mps" else 1  # mps: every rank holds whole identities
+    cuts = sorted(data.draw(st.lists(st.integers(0, n // step), min_size=1, max_size=2)))
+    bounds = list(zip([0, *(c * step for c in cuts)], [*(c * step for c in cuts), n], strict=True))
+    obj.before_loss(x, y)
+    ref_loss, ref_grad = _grad(lambda t: obj(t, y), x)
+    ref_stats = dict(obj.last_stats)
+    shares = _simulated_ranks(obj, x, y, bounds)
+    torch.testing.assert_close(sum(s for s, _, _ in shares), ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sum(g for _, g, _ in shares), ref_grad, rtol=1e-12, atol=1e-12)
+    for _, _, stats in shares:
+        _assert_stats_equal(stats, ref_stats)
+
+
+def test_local_loss_over_every_row_is_the_loss():
+    gen = torch.Generator().manual_seed(5)
+    x, y = _ivs_batch(gen, 5, 4)
+    obj = MetricObjective("top_k", "quadruplet", k=2, memory_size=6, memory_dtype=torch.float64)
+    obj.after_loss(*_ivs_batch(gen, 3, 4, offset=2))
+    loss, grad = _grad(lambda t: obj(t, y), x)
+    stats = dict(obj.last_stats)
+    share, share_grad = _grad(lambda t: obj.local_loss(t, y, slice(0, 10), lambda s: s), x)
+    assert torch.equal(share, loss) and torch.equal(share_grad, grad)
+    assert obj.last_stats == stats
+
+
+def test_mps_with_an_identity_split_between_ranks_is_an_error():
+    gen = torch.Generator().manual_seed(6)
+    x, y = _ivs_batch(gen, 3, 4)
+    obj = MetricObjective("bidirectional", "mps")
+    obj.local_loss(x, y, slice(0, 2), lambda t: t)  # whole identities: fine
+    with pytest.raises(ValueError, match="whole identities"):
+        obj.local_loss(x, y, slice(0, 3), lambda t: t)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
