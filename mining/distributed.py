@@ -22,17 +22,22 @@ rows). The pieces:
     wraps a loss (e.g. ``MetricObjective``) so that it is evaluated on the global batch, and its
     ``before_loss`` / ``after_loss`` hooks (the memory updates) see the global batch too.
 
-Each rank computes its own anchors' terms. The loss of the global batch is a sum over terms,
-each anchored at one row, divided by the reduction's denominator D (the number of terms, or of
-non-zero terms): L = Σ_t ℓ_t / D. If ``loss_fn`` has ``local_loss`` (the protocol below;
-``MetricObjective`` has it), rank r mines and computes only the terms T_r anchored at its own
-rows (global rows offset_r … offset_r + B_r − 1), with positives and negatives searched over all
-N rows and the memory, and divides by the global D (an all-reduce of counts):
+Each rank computes its own anchors' terms. The global loss is a sum of terms, each anchored at
+one row, over the reduction's denominator D (the number of terms, or of non-zero terms):
+L = Σ_t ℓ_t / D. A ``loss_fn`` with the method
+
+    local_loss(emb (N, d), labels (N,), anchors: slice, sum_ranks) -> L_r (scalar)
+
+(``MetricObjective`` has it) computes only the terms T_r anchored at rows ``anchors`` — rank r's
+own rows offset_r … offset_r + B_r − 1 — with positives and negatives searched over all N rows
+and its own state (the memory), and divides by the global D; ``sum_ranks(t)`` sums a tensor over
+the ranks (an all-reduce: call it equally often on every rank), which also gives the global
+``last_stats``. So the mining scan costs B_r × (N + M) similarities per rank, not N × (N + M):
 
     L_r = Σ_{t ∈ T_r} ℓ_t / D,        Σ_r L_r = L.
 
-So the mining scan costs B_r × (N + M) similarities per rank instead of N × (N + M). The loss
-returned on every rank has the value L (an all-reduce of the L_r) and the gradient of L_r.
+The loss returned on every rank has the value L (an all-reduce of the L_r) and the gradient of
+L_r.
 
 Gradient scaling. A term of L_r may take its positive or negative from another rank's rows, so
 all N gathered rows carry the graph (``all_gather_summed_grad``): rank r's backward reaches the
@@ -44,24 +49,13 @@ g_r = W · (∂L/∂R_r)ᵀ J_r (J_r = ∂R_r/∂θ) and DDP's *average* is
 
 the single-process large-batch gradient. That backward all-reduce is a collective: every rank
 must backward its loss, ranks without a term too (their L_r stays connected to the gathered
-rows and contributes a zero gradient). Pass ``grad_scale=1`` if your reduction sums gradients
-instead of averaging them.
+rows and contributes a zero gradient). Pass ``grad_scale=1`` if your reduction sums gradients.
 
 A loss without ``local_loss`` (any ``loss_fn(emb (N, d), labels (N,))``) is evaluated whole on
 every rank: each rank computes the same L, only its own rows carry a graph, so its backward
 yields (∂L/∂R_r)ᵀ J_r, and the same factor W makes DDP's average dL/dθ. Parameters of such a
 loss (e.g. a head's ``weight``) get the same dL/dw on every rank, so averaging them is a no-op;
 a loss with parameters of its own must not offer ``local_loss`` (its dL_r/dw differ by rank).
-
-The ``local_loss`` protocol::
-
-    loss_fn.local_loss(emb (N, d), labels (N,), anchors: slice, sum_ranks) -> L_r (scalar)
-
-returns the share of the terms anchored at rows ``anchors`` (candidates: all N rows and the
-loss's own state, e.g. its memory), reduced with global denominators, such that Σ_r L_r = L when
-the ranks' ``anchors`` partition range(N); ``sum_ranks(t)`` sums a tensor over the ranks and
-must be called the same number of times on every rank. Global statistics (``last_stats``) come
-from the same ``sum_ranks`` call.
 
 PLB under DDP. ``PseudoLargeBatch`` runs K chunk backwards per step; letting DDP all-reduce after
 each one is correct but costs K all-reduces. ``gradients_synced_after(ddp_model)`` runs the body
@@ -147,14 +141,14 @@ def _gather_shapes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) 
     return [s[1 : 1 + int(s[0])].tolist() for s in shapes]
 
 
-def _gather_padded(tensor: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
-    """Every rank's detached ``tensor (sizes[r], *rest)`` concatenated in rank order."""
+def _gather_parts(tensor: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Every rank's detached ``tensor (sizes[r], *rest)``, in rank order."""
     # all_gather needs equal shapes: pad every rank to the largest batch, then trim.
     padded = tensor.detach().new_zeros((max(sizes), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor.detach()
     buffers = [torch.empty_like(padded) for _ in range(len(sizes))]
     dist.all_gather(buffers, padded, group=group)
-    return torch.cat([buf[:n] for buf, n in zip(buffers, sizes, strict=True)])
+    return [buf[:n] for buf, n in zip(buffers, sizes, strict=True)]
 
 
 def _local_sizes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) -> list[int]:
@@ -192,10 +186,9 @@ def all_gather_rank_order(
     if world == 1:
         return local, 0
     sizes = _local_sizes(tensor, world, group)
-    offset = sum(sizes[:rank])
-    gathered = _gather_padded(tensor, sizes, group)
-    parts = [gathered[:offset], local, gathered[offset + sizes[rank] :]]
-    return torch.cat(parts), offset
+    parts = _gather_parts(tensor, sizes, group)
+    parts[rank] = local
+    return torch.cat(parts), sum(sizes[:rank])
 
 
 class _GatherSumGrad(torch.autograd.Function):
@@ -203,9 +196,11 @@ class _GatherSumGrad(torch.autograd.Function):
     summed over the ranks (one all-reduce), this rank's rows, times ``scale``."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor, sizes: list[int], rank: int, group, scale: float):
+    def forward(
+        ctx: Any, tensor: Tensor, sizes: list[int], rank: int, group: Any, scale: float
+    ) -> Tensor:
         ctx.lo, ctx.rows, ctx.group, ctx.scale = sum(sizes[:rank]), sizes[rank], group, scale
-        return _gather_padded(tensor, sizes, group)
+        return torch.cat(_gather_parts(tensor, sizes, group))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -289,7 +284,8 @@ class GlobalBatchLoss:
         global_labels, _ = all_gather_rank_order(labels.detach(), self.group)
         anchors = slice(offset, offset + emb.shape[0])
         share = local_loss(global_emb, global_labels, anchors, self._sum_ranks)
-        # Value L = Σ_r L_r (bit-identical on every rank), gradient that of L_r.
+        # Value L = Σ_r L_r (the same on every rank: L_r − L_r.detach() is exactly 0), gradient
+        # that of L_r.
         return self._sum_ranks(share.detach()) + (share - share.detach())
 
     def _sum_ranks(self, t: Tensor) -> Tensor:

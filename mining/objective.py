@@ -18,13 +18,17 @@ Every enqueued row also stores its IvS domain by the order rule of the bidirecti
 (:func:`mining.miners.ivs_domains`: first row of an identity in the enqueued batch = ID photo),
 so that the ``bidirectional`` miner offers an ID anchor only spot photos from the memory too, and
 a spot anchor only ID photos. Other miners ignore domains.
+
+Data parallel (:mod:`mining.distributed`): ``obj.local_loss(emb, labels, anchors, sum_ranks)``
+mines only the anchors ``anchors`` (a rank's rows of the gathered global batch) against every
+row and the memory, and reduces over the global denominator (:mod:`mining.reduction`), so that
+the ranks' shares sum to the loss of ``obj(emb, labels)``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +37,11 @@ from torch import Tensor
 from .losses import LOSSES, TermSims
 from .memory import CrossBatchMemory
 from .miners import MINERS, Candidates, ivs_domains
+from .reduction import SUMS, Terms, denominator, last_stats, reduced_loss, term_sums
 
 _REDUCTIONS = ("mean_nonzero", "mean_all")
 _ENQUEUE = ("before", "after")
 _MINERS_WITH_K = ("top_k", "random")
-# The additive per-call counts and sums (float64, in this order) behind the denominator and
-# ``last_stats``; ``local_loss`` sums them over the ranks. "straddling": mps terms whose
-# positive is not an anchor of this call (their pair's other direction is elsewhere).
-_SUMS = ("terms", "active", "from_memory", "age", "active_anchors", "batch", "memory", "straddling")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -61,20 +62,6 @@ def _keep_max_per_pair(term: Tensor, anchor: Tensor, positive: Tensor, num_batch
         0, group, torch.where(is_best, order, -1), reduce="amax"
     )
     return winner
-
-
-@dataclass(frozen=True)
-class _Terms:
-    """The mined terms of one call, each ``(T,)``: anchor and negative (:class:`Mined`
-    indices), ``term`` (the per-term loss, with gradient); ``f (N, d)`` is the normalised batch
-    (with gradient), ``ages (T_m,)`` the ages of the memory negatives, ``straddling`` see _SUMS."""
-
-    f: Tensor
-    anchor: Tensor
-    negative: Tensor
-    term: Tensor
-    ages: Tensor
-    straddling: int
 
 
 class MetricObjective:
@@ -189,10 +176,10 @@ class MetricObjective:
     def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
         """Loss of ``emb (N, d)`` (raw; L2-normalised here) with int64 ``labels (N,)``; pure."""
         terms = self._terms(emb, labels, None)
-        sums = self._sums(terms)
-        count = self._count(sums)
-        self.last_stats = self._stats(sums, emb.shape[0], count)
-        return self._loss(terms, count)
+        sums = term_sums(terms)
+        count = denominator(sums, self.reduction)
+        self.last_stats = last_stats(sums, emb.shape[0], count)
+        return reduced_loss(terms, count, self.memory_weight)
 
     def local_loss(
         self,
@@ -213,19 +200,19 @@ class MetricObjective:
         ``anchors`` on some rank, every rank raises a ValueError.
         """
         terms = self._terms(emb, labels, anchors)
-        sums = sum_ranks(self._sums(terms))
-        if sums[_SUMS.index("straddling")] > 0:
+        sums = sum_ranks(term_sums(terms))
+        straddling = int(sums[SUMS.index("straddling")])
+        if straddling:  # raised on every rank: all of them see the same sums
             raise ValueError(
                 f"loss={self.loss_name!r} keeps the larger direction of each positive pair, so "
-                "every identity's rows must be anchors of one rank; "
-                f"{int(sums[_SUMS.index('straddling')])} terms have their positive on another "
-                "rank: give each rank whole identities"
+                f"every identity's rows must be anchors of one rank; {straddling} terms have "
+                "their positive on another rank: give each rank whole identities"
             )
-        count = self._count(sums)
-        self.last_stats = self._stats(sums, emb.shape[0], count)
-        return self._loss(terms, count)
+        count = denominator(sums, self.reduction)
+        self.last_stats = last_stats(sums, emb.shape[0], count)
+        return reduced_loss(terms, count, self.memory_weight)
 
-    def _terms(self, emb: Tensor, labels: Tensor, anchors: slice | None) -> _Terms:
+    def _terms(self, emb: Tensor, labels: Tensor, anchors: slice | None) -> Terms:
         """Mine (anchors only, if given) and compute every term's loss with gradient."""
         if emb.ndim != 2 or labels.shape != (emb.shape[0],):
             raise ValueError(
@@ -286,52 +273,7 @@ class MetricObjective:
                 keep = _keep_max_per_pair(term, a, p, num_batch)
                 a, p, n, term = a[keep], p[keep], n[keep], term[keep]
         ages = mem_ages[n[n >= num_batch] - num_batch]
-        return _Terms(f, a, n, term, ages, straddling)
-
-    def _sums(self, t: _Terms) -> Tensor:
-        """``(len(_SUMS),) float64``: the additive counts and sums of the terms (see _SUMS)."""
-        from_memory = t.negative >= t.f.shape[0]
-        term = t.term.detach()
-        active = term > 0
-        values = [
-            term.numel(),
-            active.sum(),
-            from_memory.sum(),
-            t.ages.sum(),
-            t.anchor[active].unique().numel(),  # anchors are disjoint across ranks: additive
-            term[~from_memory].sum(),
-            term[from_memory].sum(),
-            t.straddling,
-        ]
-        return torch.stack(
-            [torch.as_tensor(v, device=term.device).to(torch.float64) for v in values]
-        )
-
-    def _count(self, sums: Tensor) -> int:
-        """The reduction's denominator D: all terms, or those with a non-zero loss."""
-        return int(sums[_SUMS.index("terms" if self.reduction == "mean_all" else "active")])
-
-    def _loss(self, t: _Terms, count: int) -> Tensor:
-        """L_batch + w·L_mem of the terms ``t`` over the denominator ``count``."""
-        from_memory = t.negative >= t.f.shape[0]
-        if count == 0:
-            return t.f.sum() * 0.0  # keeps the graph connected: an all-zero gradient, never NaN
-        loss_batch = t.term[~from_memory].sum() / count
-        loss_mem = t.term[from_memory].sum() / count
-        return loss_batch + self.memory_weight * loss_mem
-
-    @staticmethod
-    def _stats(sums: Tensor, num_batch: int, count: int) -> dict[str, float]:
-        """``last_stats`` from the (global) sums; see the class docstring."""
-        terms, _, from_memory, age, anchors, batch, memory, _ = sums.tolist()
-        return {
-            "memory_share": from_memory / terms if terms else 0.0,
-            "neg_age": age / from_memory if from_memory else math.nan,
-            "active_frac": anchors / num_batch if num_batch else 0.0,
-            "num_terms": terms,
-            "loss_batch": batch / count if count else 0.0,
-            "loss_mem": memory / count if count else 0.0,
-        }
+        return Terms(f, a, n, term, ages, straddling)
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
