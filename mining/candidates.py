@@ -99,7 +99,9 @@ class Candidates:
     @property
     def anchor_labels(self) -> Tensor:
         """``(A,)`` labels of the anchors."""
-        return self.batch_labels if self.anchor_rows is None else self.batch_labels[self.anchor_rows]
+        return (
+            self.batch_labels if self.anchor_rows is None else self.batch_labels[self.anchor_rows]
+        )
 
     def positives(self) -> tuple[Tensor, Tensor]:
         """:func:`hardest_positives` of the anchors: ``(sim (A,), batch row (A,))``."""

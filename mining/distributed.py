@@ -141,7 +141,9 @@ def _gather_shapes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) 
     return [s[1 : 1 + int(s[0])].tolist() for s in shapes]
 
 
-def _gather_parts(tensor: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> list[Tensor]:
+def _gather_parts(
+    tensor: Tensor, sizes: list[int], group: dist.ProcessGroup | None
+) -> list[Tensor]:
     """Every rank's detached ``tensor (sizes[r], *rest)``, in rank order."""
     # all_gather needs equal shapes: pad every rank to the largest batch, then trim.
     padded = tensor.detach().new_zeros((max(sizes), *tensor.shape[1:]))

@@ -33,8 +33,12 @@ MEMORIES = {
     "none": {},
     "warm-up": {"memory_size": 12, "warmup_steps": 5},  # filled, not yet mined
     "after": {"memory_size": 12, "enqueue": "after"},
-    "before, memory only": {"memory_size": 9, "enqueue": "before", "in_batch": False,
-                            "memory_weight": 0.5},  # fmt: skip
+    "before, memory only": {
+        "memory_size": 9,
+        "enqueue": "before",
+        "in_batch": False,
+        "memory_weight": 0.5,
+    },
 }
 REDUCTIONS = ("mean_nonzero", "mean_all")
 # name -> per-rank sizes; "pairs" layouts hold whole identities (ID photo, spot photo) per rank
@@ -77,7 +81,9 @@ def batches(sc: dict) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
     gen = torch.Generator().manual_seed(sc["seed"])
     history = []
     for step in range(2):  # labels overlap the batch's: the memory holds positives too
-        history.append((torch.randn(6, DIM, generator=gen, dtype=torch.float64), pairs(gen, 6, step)))
+        history.append(
+            (torch.randn(6, DIM, generator=gen, dtype=torch.float64), pairs(gen, 6, step))
+        )
     b0, b1 = LAYOUTS[sc["layout"]]
     x = torch.randn(b0 + b1, DIM, generator=gen, dtype=torch.float64)
     if sc["layout"] == "identities split":

@@ -267,7 +267,9 @@ def _miners():
 
 
 def _triple_set(mined) -> set[tuple[int, int, int]]:
-    return set(zip(mined.anchor.tolist(), mined.positive.tolist(), mined.negative.tolist(), strict=True))
+    return set(
+        zip(mined.anchor.tolist(), mined.positive.tolist(), mined.negative.tolist(), strict=True)
+    )
 
 
 @given(candidates(), st.data())
@@ -281,7 +283,9 @@ def test_anchor_subset_mines_the_full_result_restricted_to_its_anchors(c, data):
         parts = [miner(replace(c, anchor_rows=rows)) for rows in (slice(0, cut), slice(cut, None))]
         assert sum(len(m) for m in parts) == len(full)
         assert _triple_set(parts[0]) | _triple_set(parts[1]) == _triple_set(full)
-        assert all(int(a) < cut for a in parts[0].anchor) and all(int(a) >= cut for a in parts[1].anchor)
+        assert all(int(a) < cut for a in parts[0].anchor) and all(
+            int(a) >= cut for a in parts[1].anchor
+        )
 
 
 @given(c=candidates())

@@ -408,14 +408,20 @@ MEMORY_SETUPS = {
     "none": {},
     "warm-up": {"memory_size": 12, "warmup_steps": 5},
     "after": {"memory_size": 12, "enqueue": "after"},
-    "before, memory only": {"memory_size": 9, "enqueue": "before", "in_batch": False,
-                            "memory_weight": 0.5},  # fmt: skip
+    "before, memory only": {
+        "memory_size": 9,
+        "enqueue": "before",
+        "in_batch": False,
+        "memory_weight": 0.5,
+    },
 }
 
 
 @given(
     seed=st.integers(0, 2**31 - 1),
-    miner=st.sampled_from(["batch_hard", "top_k", "semi_hard", "threshold", "random", "bidirectional"]),
+    miner=st.sampled_from(
+        ["batch_hard", "top_k", "semi_hard", "threshold", "random", "bidirectional"]
+    ),
     loss=st.sampled_from(["triplet", "triplet_l2", "quadruplet", "mps"]),
     memory=st.sampled_from(sorted(MEMORY_SETUPS)),
     reduction=st.sampled_from(["mean_nonzero", "mean_all"]),
