@@ -1,4 +1,4 @@
-"""From mined terms to the loss and its statistics, through additive sums (docs/methods.md §2).
+"""From mined terms to the loss and its statistics, through additive sums (docs/methods.md §2, §4).
 
 One call of :class:`mining.objective.MetricObjective` mines terms t with losses ℓ_t; T_b are the
 terms whose negative is a batch row, T_m those whose negative came from the memory, and
