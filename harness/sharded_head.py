@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mining.gather import all_gather_summed_grad
 from mining.heads.base import CosineHead, cosine
 
 SHARDABLE = ("cosine", "cosface", "arcface", "arcface_nograd")
@@ -49,29 +50,10 @@ def check_shardable(name: str, h: nn.Module) -> None:
         )
 
 
-class _GatherSumGrad(torch.autograd.Function):
-    """Forward: all-gather equal shares (b, d) -> (W·b, d) in rank order. Backward: the sum
-    over ranks of the gradient of the global rows, this rank's rows, times `scale`."""
-
-    @staticmethod
-    def forward(ctx: Any, local: Tensor, scale: float) -> Tensor:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local.contiguous())
-        ctx.rank, ctx.rows, ctx.scale = rank, local.shape[0], scale
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        total = grad.contiguous().clone()
-        dist.all_reduce(total)
-        lo = ctx.rank * ctx.rows
-        return total[lo : lo + ctx.rows] * ctx.scale, None
-
-
 def gather_embeddings(local: Tensor, scale: float) -> Tensor:
-    """Rank-ordered global batch of equal shares, gradient summed back (step 1 above)."""
-    return _GatherSumGrad.apply(local, scale)
+    """Rank-ordered global batch, gradient summed over the ranks back into this rank's rows,
+    times `scale` (step 1 above; `mining.gather.all_gather_summed_grad`)."""
+    return all_gather_summed_grad(local, grad_scale=scale)[0]
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):

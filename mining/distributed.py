@@ -68,8 +68,10 @@ gradient once when the body exits::
         loss = plb(x_local, y_local)                       # K local backwards, no communication
     optimizer.step()                                       # .grad == single-process dL/dθ
 
-Collectives: ``GlobalBatchLoss`` gathers once per loss call (plus once per hook when the wrapped
-loss has hooks) and, with ``local_loss``, all-reduces the counts and the loss value in the call
+Collectives: ``GlobalBatchLoss`` gathers a step's batch once (3 all-gathers: sizes, rows,
+labels) and reuses it for ``before_loss``, the loss and ``after_loss`` when they get the same
+local tensors, as the step protocol passes them (a tensor changed in place, or another one, is
+gathered again); with ``local_loss`` it all-reduces the counts and the loss value in the call
 and the gradient in its backward, so every rank must make the same calls in the same order. PLB
 ``exact`` and ``select`` call the loss once per step; ``chunk_loss`` calls it once per chunk, so
 it needs the same number of chunks on every rank. So does a DDP model with buffers (BatchNorm):
@@ -86,12 +88,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .gather import (
+    GatherSumGrad,
+    ScaleGrad,
+    all_gather_rank_order,
+    all_gather_summed_grad,
+    gather_parts,
+    local_sizes,
+    rank_and_world_size,
+)
 
 __all__ = [
     "GlobalBatchLoss",
@@ -106,130 +119,6 @@ __all__ = [
 
 class _Memory(Protocol):
     def enqueue(self, emb: Tensor, labels: Tensor) -> None: ...
-
-
-def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
-    """(rank in ``group``, size of ``group``); (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the incoming gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
-
-
-def _gather_shapes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) -> list[list[int]]:
-    """Every rank's ``tensor.shape``, in rank order (one small all-gather)."""
-    shape = torch.tensor([tensor.ndim, *tensor.shape], dtype=torch.int64, device=tensor.device)
-    # ndim travels first so that a rank with a different ndim is reported, not mis-gathered.
-    padded = torch.full((9,), -1, dtype=torch.int64, device=tensor.device)
-    if shape.numel() > padded.numel():
-        raise ValueError(f"tensor must have at most 8 dims, got shape {tuple(tensor.shape)}")
-    padded[: shape.numel()] = shape
-    shapes = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(shapes, padded, group=group)
-    return [s[1 : 1 + int(s[0])].tolist() for s in shapes]
-
-
-def _gather_parts(
-    tensor: Tensor, sizes: list[int], group: dist.ProcessGroup | None
-) -> list[Tensor]:
-    """Every rank's detached ``tensor (sizes[r], *rest)``, in rank order."""
-    # all_gather needs equal shapes: pad every rank to the largest batch, then trim.
-    padded = tensor.detach().new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor.detach()
-    buffers = [torch.empty_like(padded) for _ in range(len(sizes))]
-    dist.all_gather(buffers, padded, group=group)
-    return [buf[:n] for buf, n in zip(buffers, sizes, strict=True)]
-
-
-def _local_sizes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) -> list[int]:
-    """Every rank's ``tensor.shape[0]``; ValueError unless the other dims agree."""
-    shapes = _gather_shapes(tensor, world, group)
-    if any(s[1:] != list(tensor.shape[1:]) for s in shapes):
-        raise ValueError(
-            f"tensor must have the same shape beyond dim 0 on every rank; got shapes {shapes}"
-        )
-    return [s[0] for s in shapes]
-
-
-def all_gather_rank_order(
-    tensor: Tensor,
-    group: dist.ProcessGroup | None = None,
-    *,
-    grad_scale: float = 1.0,
-) -> tuple[Tensor, int]:
-    """Concatenate every rank's ``tensor`` along dim 0 in rank order.
-
-    Args:
-        tensor: this rank's rows, shape (B_r, *rest); B_r may differ between ranks, ``rest``
-            and the dtype may not.
-        group: the process group (default: the world).
-        grad_scale: factor applied to the gradient flowing back into ``tensor`` (see the module
-            docstring: W under DDP's gradient averaging).
-
-    Returns:
-        ``(gathered (Σ_r B_r, *rest), offset)`` where ``gathered[offset : offset + B_r]`` is
-        ``tensor`` itself (with its graph) and the other rows are detached copies. Without a
-        process group: ``(tensor, 0)``.
-    """
-    rank, world = rank_and_world_size(group)
-    local = tensor if grad_scale == 1.0 else _ScaleGrad.apply(tensor, grad_scale)
-    if world == 1:
-        return local, 0
-    sizes = _local_sizes(tensor, world, group)
-    parts = _gather_parts(tensor, sizes, group)
-    parts[rank] = local
-    return torch.cat(parts), sum(sizes[:rank])
-
-
-class _GatherSumGrad(torch.autograd.Function):
-    """Forward: the rank-ordered concatenation (N, *rest). Backward: the gradient of the N rows
-    summed over the ranks (one all-reduce), this rank's rows, times ``scale``."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, tensor: Tensor, sizes: list[int], rank: int, group: Any, scale: float
-    ) -> Tensor:
-        ctx.lo, ctx.rows, ctx.group, ctx.scale = sum(sizes[:rank]), sizes[rank], group, scale
-        return torch.cat(_gather_parts(tensor, sizes, group))
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        total = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
-        dist.all_reduce(total, group=ctx.group)
-        return total[ctx.lo : ctx.lo + ctx.rows] * ctx.scale, None, None, None, None
-
-
-def all_gather_summed_grad(
-    tensor: Tensor,
-    group: dist.ProcessGroup | None = None,
-    *,
-    grad_scale: float = 1.0,
-) -> tuple[Tensor, int]:
-    """Concatenate every rank's ``tensor (B_r, *rest)`` in rank order, differentiably.
-
-    Returns ``(gathered (Σ_r B_r, *rest), offset)`` like :func:`all_gather_rank_order`, but
-    every row carries the graph: the backward all-reduces (sums) the gradient of ``gathered``
-    over the ranks and returns rows ``offset : offset + B_r`` of the sum times ``grad_scale``.
-    That backward is a collective: every rank must backward through its ``gathered`` exactly
-    when the others do. Without a process group: ``(tensor, 0)`` (gradient scaled).
-    """
-    rank, world = rank_and_world_size(group)
-    if world == 1:
-        return (tensor if grad_scale == 1.0 else _ScaleGrad.apply(tensor, grad_scale)), 0
-    sizes = _local_sizes(tensor, world, group)
-    return _GatherSumGrad.apply(tensor, sizes, rank, group, grad_scale), sum(sizes[:rank])
 
 
 def enqueue_global(
@@ -275,17 +164,25 @@ class GlobalBatchLoss:
         self.loss_fn = loss_fn
         self.group = group
         self.grad_scale = float(rank_and_world_size(group)[1] if grad_scale is None else grad_scale)
+        self._step_batch: _GlobalBatch | None = None
 
     def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
+        rank, world = rank_and_world_size(self.group)
+        if world == 1:
+            local = emb if self.grad_scale == 1.0 else ScaleGrad.apply(emb, self.grad_scale)
+            return self.loss_fn(local, labels)
+        batch = self._global(emb, labels)
         local_loss = getattr(self.loss_fn, "local_loss", None)
-        if not callable(local_loss) or rank_and_world_size(self.group)[1] == 1:
-            global_emb, _ = all_gather_rank_order(emb, self.group, grad_scale=self.grad_scale)
-            global_labels, _ = all_gather_rank_order(labels.detach(), self.group)
-            return self.loss_fn(global_emb, global_labels)
-        global_emb, offset = all_gather_summed_grad(emb, self.group, grad_scale=self.grad_scale)
-        global_labels, _ = all_gather_rank_order(labels.detach(), self.group)
+        if not callable(local_loss):
+            parts = list(batch.emb.split(batch.sizes))
+            parts[rank] = emb if self.grad_scale == 1.0 else ScaleGrad.apply(emb, self.grad_scale)
+            return self.loss_fn(torch.cat(parts), batch.labels)
+        global_emb = GatherSumGrad.apply(
+            emb, batch.sizes, rank, self.group, self.grad_scale, batch.emb
+        )
+        offset = sum(batch.sizes[:rank])
         anchors = slice(offset, offset + emb.shape[0])
-        share = local_loss(global_emb, global_labels, anchors, self._sum_ranks)
+        share = local_loss(global_emb, batch.labels, anchors, self._sum_ranks)
         # Value L = Σ_r L_r (the same on every rank: L_r − L_r.detach() is exactly 0), gradient
         # that of L_r.
         return self._sum_ranks(share.detach()) + (share - share.detach())
@@ -301,6 +198,7 @@ class GlobalBatchLoss:
 
     def after_loss(self, emb: Tensor, labels: Tensor) -> None:
         self._hook("after_loss", emb, labels)
+        self._step_batch = None  # the step is over: its gathered batch is not needed again
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -310,9 +208,70 @@ class GlobalBatchLoss:
         hook = getattr(self.loss_fn, name, None)
         if not callable(hook):
             return  # no gather either: the wrapped loss is the same type on every rank
-        global_emb, _ = all_gather_rank_order(emb.detach(), self.group)
-        global_labels, _ = all_gather_rank_order(labels.detach(), self.group)
-        hook(global_emb, global_labels)
+        if rank_and_world_size(self.group)[1] == 1:
+            hook(emb.detach(), labels.detach())
+            return
+        batch = self._global(emb, labels)
+        hook(batch.emb, batch.labels)
+
+    def _global(self, emb: Tensor, labels: Tensor) -> _GlobalBatch:
+        """The detached global batch of this local ``(emb, labels)``: gathered once per step
+        (3 collectives: sizes, rows, labels) and reused by the hooks and the loss of the same
+        step, which all see the same local tensors."""
+        cached = self._step_batch
+        if cached is not None and cached.holds(emb, labels):
+            return cached
+        if labels.shape[:1] != emb.shape[:1]:
+            raise ValueError(
+                f"emb (B, d) and labels (B,) must have the same B, got {tuple(emb.shape)} and "
+                f"{tuple(labels.shape)}"
+            )
+        _, world = rank_and_world_size(self.group)
+        sizes = local_sizes(emb, world, self.group)
+        emb_d, labels_d = emb.detach(), labels.detach()
+        self._step_batch = _GlobalBatch(
+            emb_d,
+            labels_d,
+            emb_d._version,
+            labels_d._version,
+            sizes,
+            torch.cat(gather_parts(emb_d, sizes, self.group)),
+            torch.cat(gather_parts(labels_d, sizes, self.group)),
+        )
+        return self._step_batch
+
+
+@dataclass
+class _GlobalBatch:
+    """A step's gathered batch and the local tensors it was gathered from.
+
+    Holding the local tensors keeps their storage alive, so a later tensor that views the same
+    storage, offset, shape and strides at the same version counter holds the same values."""
+
+    local_emb: Tensor
+    local_labels: Tensor
+    emb_version: int
+    labels_version: int
+    sizes: list[int]
+    emb: Tensor  # (N, d), detached
+    labels: Tensor  # (N,)
+
+    def holds(self, emb: Tensor, labels: Tensor) -> bool:
+        return _same_view(emb, self.local_emb, self.emb_version) and _same_view(
+            labels, self.local_labels, self.labels_version
+        )
+
+
+def _same_view(t: Tensor, ref: Tensor, version: int) -> bool:
+    return (
+        t.untyped_storage().data_ptr() == ref.untyped_storage().data_ptr()
+        and t.storage_offset() == ref.storage_offset()
+        and t.shape == ref.shape
+        and t.stride() == ref.stride()
+        and t.dtype == ref.dtype
+        and t.device == ref.device
+        and t._version == version
+    )
 
 
 def all_reduce_gradients(

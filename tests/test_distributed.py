@@ -163,6 +163,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out["memories"].append(mem.get())
             out["local_only"].append(local.get())
 
+        out["gathers"] = _gathers_per_plain_step(rank)
+        out["in_place"] = _loss_after_in_place_change(rank)
+
         # Gradients over two steps: plain DDP step or PLB under gradients_synced_after.
         for variant, (step, kind, grad_scale) in VARIANTS.items():
             ddp = nn.parallel.DistributedDataParallel(make_model())
@@ -191,6 +194,46 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _gathers_per_plain_step(rank: int) -> dict[str, int]:
+    """all_gather calls of one plain step (before_loss, loss, after_loss), per objective kind:
+    the hooks and the loss of a step share one gather of the batch (sizes, rows, labels)."""
+    real, calls = dist.all_gather, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    counts = {}
+    sizes, x, y = grad_batches()[0]
+    dist.all_gather = counting
+    try:
+        for kind in ("stub", "metric"):
+            loss_fn = GlobalBatchLoss(make_objective(kind))
+            emb = make_model()(x[rank_slice(sizes, rank)])
+            ys = y[rank_slice(sizes, rank)]
+            calls.clear()
+            loss_fn.before_loss(emb.detach(), ys)
+            loss_fn(emb, ys).backward()
+            loss_fn.after_loss(emb.detach(), ys)
+            counts[kind] = len(calls)
+    finally:
+        dist.all_gather = real
+    return counts
+
+
+def _loss_after_in_place_change(rank: int) -> tuple[Tensor, Tensor]:
+    """The loss of a batch changed in place after before_loss gathered it (must be re-gathered),
+    and the loss of a fresh wrapper on the changed batch."""
+    sizes, x, y = grad_batches()[0]
+    emb = make_model()(x[rank_slice(sizes, rank)]).detach()
+    ys = y[rank_slice(sizes, rank)]
+    stale = GlobalBatchLoss(MemoryTripletLoss(size=7))
+    stale.before_loss(emb, ys)
+    emb.mul_(-1.0)  # same storage, new values: the version counter moves
+    fresh = GlobalBatchLoss(MemoryTripletLoss(size=7))
+    return stale(emb, ys).detach(), fresh(emb, ys).detach()
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +265,19 @@ def single_process_steps(variant: str) -> dict:
 
 def test_ranks_see_themselves(ranks):
     assert [r["rank_world"] for r in ranks] == [(0, 2), (1, 2)]
+
+
+def test_hooks_and_loss_of_a_step_share_one_gather(ranks):
+    """3 all_gathers per step (sizes, rows, labels) however many hooks the objective has; the
+    per-call gathers before this (4 per hook and per loss call) made the ranks wait 12 times."""
+    for r in ranks:
+        assert r["gathers"] == {"stub": 3, "metric": 3}
+
+
+def test_a_batch_changed_in_place_is_gathered_again(ranks):
+    for r in ranks:
+        stale, fresh = r["in_place"]
+        assert torch.equal(stale, fresh)
 
 
 def test_memories_identical_on_both_ranks_and_equal_single_process(ranks):
