@@ -22,6 +22,7 @@ the global batch and the memory, `mining.distributed.GlobalBatchLoss`):
     python benchmarks/ddp_scaling.py                 # 3 repetitions of every case, 40 steps
     python benchmarks/ddp_scaling.py --reps 5 --steps 60 --cases mlp1024 cnn_small
     python benchmarks/ddp_scaling.py --smoke         # tiny sizes, 1 repetition: does it run?
+    python benchmarks/ddp_scaling.py --floor --cases mlp2048   # + the machine's parallel floor
 
 Prints markdown tables: every trial, then per case the medians and the median of the
 per-repetition ratios.
@@ -89,19 +90,37 @@ SMOKE: dict[str, tuple[str, str, int, str]] = {
 }
 
 
-def spec(case: tuple[str, str, int, str], world: int, steps: int, warmup: int) -> TrialSpec:
+def spec(
+    case: tuple[str, str, int, str], world: int, steps: int, warmup: int, part: int = 0
+) -> TrialSpec:
+    """The case's trial on `world` ranks; `part` > 0: a 1-process trial of half the global
+    batch (one of the floor's two)."""
     data, model, batch, method = case
     text = TEMPLATE.format(identities=max(256, batch), data=data, model=model, steps=steps,
-                           warmup=warmup, batch=batch, world=world, method=method)  # fmt: skip
-    return TrialSpec(f"w{world}", "ddp_scaling", "bench", parse_suite(text).trials[0])
+                           warmup=warmup, batch=batch // 2 if part else batch, world=world,
+                           method=method)  # fmt: skip
+    trial_id = f"half{part}" if part else f"w{world}"
+    return TrialSpec(trial_id, "ddp_scaling", "bench", parse_suite(text).trials[0])
 
 
-def run_one(s: TrialSpec) -> TrialOutcome:
+def run_all(specs: list[TrialSpec]) -> list[TrialOutcome]:
+    """Run `specs` at once (one worker each) and return their outcomes."""
     got: list[TrialOutcome] = []
-    LocalExecutor(jobs=1).run([s], got.append)
-    if got[0].status != "ok":
-        raise SystemExit(f"trial world_size={s.config.train.world_size} failed: {got[0].error}")
-    return got[0]
+    LocalExecutor(jobs=len(specs)).run(specs, got.append)
+    for o in got:
+        if o.status != "ok":
+            raise SystemExit(f"trial {o.trial_id} failed: {o.error}")
+    return got
+
+
+def rate(case: tuple[str, str, int, str], kind: str, steps: int, warmup: int) -> float:
+    """samples/s of kind "1" or "2" (ranks), or "floor": two independent 1-process trials of
+    half the global batch at once, no communication — their summed samples/s is what the two
+    cores give a perfectly parallel job (an upper bound: each mines only its half batch)."""
+    if kind == "floor":
+        halves = run_all([spec(case, 1, steps, warmup, part) for part in (1, 2)])
+        return sum(o.row["samples_per_s"] for o in halves)
+    return run_all([spec(case, int(kind), steps, warmup)])[0].row["samples_per_s"]
 
 
 def main() -> None:
@@ -111,6 +130,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from samples/s")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 rep, 4 steps")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run the floor: 2 independent half-batch trials at once")  # fmt: skip
     args = ap.parse_args()
     cases = SMOKE if args.smoke else CASES
     reps, steps, warmup = (1, 4, 1) if args.smoke else (args.reps, args.steps, args.warmup)
@@ -118,26 +139,32 @@ def main() -> None:
           f"{steps} steps ({warmup} warm-up), threads = 1 per rank\n")  # fmt: skip
     print("| case | rep | ranks | samples/s | load before → after |")
     print("|---|---:|---:|---:|---|")
-    rates: dict[str, dict[int, list[float]]] = {c: {1: [], 2: []} for c in args.cases}
+    kinds = ["1", "2", "floor"] if args.floor else ["1", "2"]
+    rates: dict[str, dict[str, list[float]]] = {c: {k: [] for k in kinds} for c in args.cases}
     for rep in range(reps):
         for name in args.cases:
-            for world in (1, 2) if rep % 2 == 0 else (2, 1):
+            for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                 before = os.getloadavg()[0]
-                outcome = run_one(spec(cases[name], world, steps, warmup))
-                rate = outcome.row["samples_per_s"]
-                rates[name][world].append(rate)
-                print(f"| {name} | {rep} | {world} | {rate:.0f} | "
+                r = rate(cases[name], kind, steps, warmup)
+                rates[name][kind].append(r)
+                print(f"| {name} | {rep} | {kind} | {r:.0f} | "
                       f"{before:.2f} → {os.getloadavg()[0]:.2f} |", flush=True)  # fmt: skip
                 time.sleep(1.0)  # let the ranks' exit settle before the next start
+    floor_head = " floor: 2 × half batch | floor ratio |" if args.floor else ""
     print("\n| case | global batch | 1 rank × 1 thread | 2 ranks × 1 thread | ratio (median "
-          "of reps) | ratios per rep |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---|")
+          f"of reps) | ratios per rep |{floor_head}")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---|" + ("---:|---:|" if args.floor else ""))
     for name in args.cases:
-        one, two = rates[name][1], rates[name][2]
+        one, two = rates[name]["1"], rates[name]["2"]
         ratios = [b / a for a, b in zip(one, two, strict=True)]
-        print(f"| {name} | {cases[name][2]} | {statistics.median(one):.0f} | "
-              f"{statistics.median(two):.0f} | {statistics.median(ratios):.2f} | "
-              f"{', '.join(f'{r:.2f}' for r in ratios)} |")  # fmt: skip
+        row = (f"| {name} | {cases[name][2]} | {statistics.median(one):.0f} | "
+               f"{statistics.median(two):.0f} | {statistics.median(ratios):.2f} | "
+               f"{', '.join(f'{r:.2f}' for r in ratios)} |")  # fmt: skip
+        if args.floor:
+            floor = rates[name]["floor"]
+            floor_ratios = [f / a for a, f in zip(one, floor, strict=True)]
+            row += f" {statistics.median(floor):.0f} | {statistics.median(floor_ratios):.2f} |"
+        print(row)
 
 
 if __name__ == "__main__":
