@@ -24,22 +24,13 @@ from torch import Tensor
 import mining.candidates
 from mining.distributed import GlobalBatchLoss
 from mining.objective import MetricObjective
+from tests.test_objective import MEMORY_SETUPS
 
 WORLD = 2
 DIM = 4
 MINERS = ("batch_hard", "top_k", "semi_hard", "threshold", "random", "bidirectional")
 LOSSES = ("triplet", "triplet_l2", "quadruplet", "mps")
-MEMORIES = {
-    "none": {},
-    "warm-up": {"memory_size": 12, "warmup_steps": 5},  # filled, not yet mined
-    "after": {"memory_size": 12, "enqueue": "after"},
-    "before, memory only": {
-        "memory_size": 9,
-        "enqueue": "before",
-        "in_batch": False,
-        "memory_weight": 0.5,
-    },
-}
+MEMORIES = MEMORY_SETUPS  # none, warm-up, enqueue after, enqueue before with memory only
 REDUCTIONS = ("mean_nonzero", "mean_all")
 # name -> per-rank sizes; "pairs" layouts hold whole identities (ID photo, spot photo) per rank
 LAYOUTS = {
