@@ -98,12 +98,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .gather import (
     GatherSumGrad,
-    ScaleGrad,
     all_gather_rank_order,
     all_gather_summed_grad,
     gather_parts,
     local_sizes,
     rank_and_world_size,
+    scaled_grad,
 )
 
 __all__ = [
@@ -169,13 +169,12 @@ class GlobalBatchLoss:
     def __call__(self, emb: Tensor, labels: Tensor) -> Tensor:
         rank, world = rank_and_world_size(self.group)
         if world == 1:
-            local = emb if self.grad_scale == 1.0 else ScaleGrad.apply(emb, self.grad_scale)
-            return self.loss_fn(local, labels)
+            return self.loss_fn(scaled_grad(emb, self.grad_scale), labels)
         batch = self._global(emb, labels)
         local_loss = getattr(self.loss_fn, "local_loss", None)
         if not callable(local_loss):
             parts = list(batch.emb.split(batch.sizes))
-            parts[rank] = emb if self.grad_scale == 1.0 else ScaleGrad.apply(emb, self.grad_scale)
+            parts[rank] = scaled_grad(emb, self.grad_scale)
             return self.loss_fn(torch.cat(parts), batch.labels)
         global_emb = GatherSumGrad.apply(
             emb, batch.sizes, rank, self.group, self.grad_scale, batch.emb

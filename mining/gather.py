@@ -32,7 +32,7 @@ def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, in
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-class ScaleGrad(torch.autograd.Function):
+class _ScaleGrad(torch.autograd.Function):
     """Identity in the forward pass; multiplies the incoming gradient by ``scale``."""
 
     @staticmethod
@@ -43,6 +43,12 @@ class ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad * ctx.scale, None
+
+
+def scaled_grad(tensor: Tensor, scale: float) -> Tensor:
+    """``tensor``, with the gradient flowing back into it multiplied by ``scale`` (itself when
+    ``scale`` is 1: no extra autograd node)."""
+    return tensor if scale == 1.0 else _ScaleGrad.apply(tensor, scale)
 
 
 def gather_shapes(tensor: Tensor, world: int, group: dist.ProcessGroup | None) -> list[list[int]]:
@@ -99,7 +105,7 @@ def all_gather_rank_order(
         process group: ``(tensor, 0)``.
     """
     rank, world = rank_and_world_size(group)
-    local = tensor if grad_scale == 1.0 else ScaleGrad.apply(tensor, grad_scale)
+    local = scaled_grad(tensor, grad_scale)
     if world == 1:
         return local, 0
     sizes = local_sizes(tensor, world, group)
@@ -151,6 +157,6 @@ def all_gather_summed_grad(
     """
     rank, world = rank_and_world_size(group)
     if world == 1:
-        return (tensor if grad_scale == 1.0 else ScaleGrad.apply(tensor, grad_scale)), 0
+        return scaled_grad(tensor, grad_scale), 0
     sizes = local_sizes(tensor, world, group)
     return GatherSumGrad.apply(tensor, sizes, rank, group, grad_scale), sum(sizes[:rank])
