@@ -115,24 +115,26 @@ class UNPG(nn.Module):
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B, d), (B,) -> logits (B, C' + K)."""
-        logits = self.base(emb, labels)
-        kept = tukey_kept(negative_pair_cosines(emb, labels), self.k)
-        if kept.numel() == 0:
+        logits, extra = self._logits_and_columns(emb, labels)
+        if extra.numel() == 0:
             return logits
-        extra = (self.s * kept).to(logits.dtype)
         return torch.cat([logits, extra.expand(logits.shape[0], -1)], dim=1)
 
     def loss(self, emb: Tensor, labels: Tensor) -> Tensor:
         """Scalar training loss: mean cross-entropy of `forward`'s logits + the base's
         regulariser, without building the shared columns per row (module docstring)."""
-        logits = self.base(emb, labels)
-        kept = tukey_kept(negative_pair_cosines(emb, labels), self.k)
+        logits, extra = self._logits_and_columns(emb, labels)
         target = logits.gather(1, labels[:, None])[:, 0]
         lse = torch.logsumexp(logits, dim=1)
-        if kept.numel():
-            shared = torch.logsumexp((self.s * kept).to(logits.dtype), dim=0)
-            lse = torch.logaddexp(lse, shared)
+        if extra.numel():
+            lse = torch.logaddexp(lse, torch.logsumexp(extra, dim=0))
         return (lse - target).mean() + self.base.regularizer(emb)
+
+    def _logits_and_columns(self, emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The base head's logits (B, C') and the shared columns s · kept (K,) in their dtype."""
+        logits = self.base(emb, labels)
+        kept = tukey_kept(negative_pair_cosines(emb, labels), self.k)
+        return logits, (self.s * kept).to(logits.dtype)
 
     def extra_repr(self) -> str:
         return f"base={self.base_name!r}, k={self.k:g}"
