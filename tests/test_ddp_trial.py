@@ -240,12 +240,10 @@ def _head_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_sharded_head_loss_and_gradients_equal_replicated_float64(tmp_path):
     """2 gloo ranks, 7 classes split 3 + 4, 10 rows split 5 + 5: the loss, each rank's
     embedding gradient and the concatenated weight gradient equal the replicated head's."""
-    import torch.multiprocessing as mp
-
     from mining.heads import make_head
+    from tests.ranks import spawn_ranks
 
-    mp.spawn(_sharded_grad_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = spawn_ranks(_sharded_grad_worker, tmp_path, 2)
     for name, params in HEADS_SHARDED:
         torch.manual_seed(0)
         full = make_head(name, 6, 7, **params).double()

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -28,6 +27,7 @@ from mining.distributed import (
 from mining.memory import CrossBatchMemory
 from mining.objective import MetricObjective
 from mining.plb import PseudoLargeBatch
+from tests.ranks import spawn_ranks
 
 WORLD = 2
 DIM = 3
@@ -238,9 +238,7 @@ def _loss_after_in_place_change(rank: int) -> tuple[Tensor, Tensor]:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 def single_process_steps(variant: str) -> dict:

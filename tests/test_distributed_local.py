@@ -18,12 +18,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor
 
 import mining.candidates
 from mining.distributed import GlobalBatchLoss
 from mining.objective import MetricObjective
+from tests.ranks import spawn_ranks
 from tests.test_objective import MEMORY_SETUPS
 
 WORLD = 2
@@ -178,9 +178,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("local")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("local"), WORLD)
 
 
 def single_process(sc: dict) -> dict:
