@@ -51,9 +51,10 @@ def check_shardable(name: str, h: nn.Module) -> None:
 
 
 def gather_embeddings(local: Tensor, scale: float) -> Tensor:
-    """Rank-ordered global batch, gradient summed over the ranks back into this rank's rows,
-    times `scale` (step 1 above; `mining.gather.all_gather_summed_grad`)."""
-    return all_gather_summed_grad(local, grad_scale=scale)[0]
+    """Rank-ordered global batch of equal shares, gradient summed over the ranks back into this
+    rank's rows, times `scale` (step 1 above; `mining.gather.all_gather_summed_grad`)."""
+    shares = [local.shape[0]] * dist.get_world_size()  # equal shares: no shape all-gather
+    return all_gather_summed_grad(local, grad_scale=scale, sizes=shares)[0]
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):

@@ -146,6 +146,7 @@ def all_gather_summed_grad(
     group: dist.ProcessGroup | None = None,
     *,
     grad_scale: float = 1.0,
+    sizes: list[int] | None = None,
 ) -> tuple[Tensor, int]:
     """Concatenate every rank's ``tensor (B_r, *rest)`` in rank order, differentiably.
 
@@ -153,10 +154,18 @@ def all_gather_summed_grad(
     every row carries the graph: the backward all-reduces (sums) the gradient of ``gathered``
     over the ranks and returns rows ``offset : offset + B_r`` of the sum times ``grad_scale``.
     That backward is a collective: every rank must backward through its ``gathered`` exactly
-    when the others do. Without a process group: ``(tensor, 0)`` (gradient scaled).
+    when the others do. ``sizes`` (every rank's B_r, when the caller knows them, e.g. equal
+    shares) saves the all-gather of the shapes. Without a process group: ``(tensor, 0)``
+    (gradient scaled).
     """
     rank, world = rank_and_world_size(group)
     if world == 1:
         return scaled_grad(tensor, grad_scale), 0
-    sizes = local_sizes(tensor, world, group)
+    if sizes is None:
+        sizes = local_sizes(tensor, world, group)
+    elif len(sizes) != world or sizes[rank] != tensor.shape[0]:
+        raise ValueError(
+            f"sizes must list every rank's rows ({world} ranks, this rank "
+            f"{tensor.shape[0]}); got {sizes}"
+        )
     return GatherSumGrad.apply(tensor, sizes, rank, group, grad_scale), sum(sizes[:rank])

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mining.distributed import (
     GlobalBatchLoss,
     all_gather_rank_order,
+    all_gather_summed_grad,
     all_reduce_gradients,
     enqueue_global,
     gradients_synced_after,
@@ -164,6 +165,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out["local_only"].append(local.get())
 
         out["gathers"] = _gathers_per_plain_step(rank)
+        out["bad_sizes"] = _bad_sizes_error(rank)
         out["in_place"] = _loss_after_in_place_change(rank)
 
         # Gradients over two steps: plain DDP step or PLB under gradients_synced_after.
@@ -194,6 +196,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _bad_sizes_error(rank: int) -> str:
+    """The error of `all_gather_summed_grad` given sizes that do not match this rank's rows
+    (raised before any collective, so every rank can raise it alone)."""
+    try:
+        all_gather_summed_grad(torch.zeros(rank + 2, DIM), sizes=[4, 4])
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def _gathers_per_plain_step(rank: int) -> dict[str, int]:
@@ -374,3 +386,11 @@ def test_all_reduce_without_process_group_fills_missing_grads():
 def test_grad_scale_must_be_positive(bad):
     with pytest.raises(ValueError, match="grad_scale"):
         GlobalBatchLoss(lambda e, y: e.sum(), grad_scale=bad)
+
+
+def test_summed_gather_rejects_sizes_that_miss_this_ranks_rows(ranks):
+    assert (
+        "sizes must list every rank's rows (2 ranks, this rank 2); got [4, 4]"
+        in ranks[0]["bad_sizes"]
+    )
+    assert "this rank 3" in ranks[1]["bad_sizes"]
